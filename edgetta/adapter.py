@@ -1,0 +1,162 @@
+"""The device-side adaptation loop: predict and adapt in one call, tent-style.
+
+    adapter = Adapter.load("bundle/")
+    logits = adapter.step(frames)            # predicts the batch, then adapts on it
+    logits = adapter.step(frames, adapt=False)
+
+Adaptation runs the bundle's onnxruntime-training graph (loss and gradients of the meta
+networks only) and applies SGD with momentum here, since onnxruntime-training's built-in SGD
+has none. Single frames are predicted by the inference graph with the meta BatchNorms on
+running statistics that this loop keeps from the adaptation batches.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .preprocess import preprocess
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _ort():
+    import onnxruntime as ort
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+class Adapter:
+    def __init__(self, bundle: Bundle, provider: str = "cpu", lr: float | None = None,
+                 momentum: float | None = None):
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+        ort = _ort()
+        if PROVIDERS[provider] not in ort.get_available_providers():
+            raise RuntimeError(f"the installed onnxruntime has no {PROVIDERS[provider]}; "
+                               f"available: {ort.get_available_providers()}")
+        from onnxruntime.training.api import CheckpointState, Module
+
+        self.bundle = bundle
+        m = bundle.manifest
+        hyper = m["adaptation"]
+        self.lr = float(hyper["lr"] if lr is None else lr)
+        self.momentum = float(hyper["momentum"] if momentum is None else momentum)
+        self.bn_momentum = float(hyper["bn_momentum"])
+        self.input_spec = m["input"]
+        self._trainable: list[str] = list(m["trainable"])
+        self._stat_of: dict[str, str] = dict(m["running_stats"])
+        try:
+            self._state = CheckpointState.load_checkpoint(str(bundle.file("checkpoint")))
+            self._module = Module(str(bundle.file("training_model.onnx")), self._state,
+                                  device=provider)
+            self._session = ort.InferenceSession(str(bundle.file("inference.onnx")),
+                                                 providers=[PROVIDERS[provider]])
+        except Exception as e:  # onnxruntime raises its own types; say which bundle failed
+            raise BundleError(f"{bundle.path}: onnxruntime could not load the bundle: {e}") from e
+        self._outputs = list(self._module.output_names())
+        self._tensors = {n: self._state.parameters[n].data.copy()
+                         for n in self._trainable + list(self._stat_of.values())}
+        self._initial = {n: v.copy() for n, v in self._tensors.items()}
+        self._velocity = {n: np.zeros_like(self._tensors[n]) for n in self._trainable}
+        self.steps = 0
+        self.last_loss: float | None = None
+        self.timings = {"adapt_ms": [], "predict_ms": []}
+
+    @classmethod
+    def load(cls, bundle_dir: str | os.PathLike, provider: str = "cpu", **kwargs: Any) -> "Adapter":
+        """Open and verify a bundle (sha256 of every file), then load its graphs."""
+        return cls(Bundle.open(bundle_dir), provider=provider, **kwargs)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.bundle.class_names
+
+    def preprocess(self, frames: Any, color_order: str = "RGB") -> np.ndarray:
+        return preprocess(frames, self.input_spec, color_order)
+
+    def step(self, frames: Any, adapt: bool = True, color_order: str = "RGB") -> np.ndarray:
+        """Logits for ``frames`` (uint8 HWC frame or NHWC batch); with ``adapt`` the meta
+        networks then take one SGD step on this batch (the logits come from before it)."""
+        x = self.preprocess(frames, color_order)
+        return self._adapt(x) if adapt else self.predict_tensor(x)
+
+    def predict_tensor(self, x: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        feeds = {"input": x}
+        feeds.update(self._tensors)
+        logits = self._session.run(["logits"], feeds)[0]
+        self.timings["predict_ms"].append((time.perf_counter() - t) * 1e3)
+        return logits
+
+    def _adapt(self, x: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        self._module.train()
+        self._module.lazy_reset_grad()
+        outs = dict(zip(self._outputs, self._module(x)))
+        loss = float(outs["loss"])
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"adaptation loss is {loss}; state left unchanged")
+        params = self._state.parameters
+        for name in self._trainable:
+            grad = params[name].grad
+            v = self._velocity[name]
+            v *= self.momentum
+            v += grad
+            self._tensors[name] = self._tensors[name] - self.lr * v
+            params[name].data = self._tensors[name]
+        m = self.bn_momentum
+        for out_name, stat in self._stat_of.items():
+            self._tensors[stat] = (1 - m) * self._tensors[stat] + m * outs[out_name]
+        self.steps += 1
+        self.last_loss = loss
+        self.timings["adapt_ms"].append((time.perf_counter() - t) * 1e3)
+        return outs["logits"]
+
+    def meta_state(self) -> dict[str, np.ndarray]:
+        """Current meta-network parameters and running statistics (copies)."""
+        return {n: v.copy() for n, v in self._tensors.items()}
+
+    def _write_params(self) -> None:
+        params = self._state.parameters
+        for name in self._trainable:
+            params[name].data = self._tensors[name]
+
+    def reset(self) -> None:
+        """Back to the bundle's warmed-up state."""
+        self._tensors = {n: v.copy() for n, v in self._initial.items()}
+        self._velocity = {n: np.zeros_like(v) for n, v in self._velocity.items()}
+        self._write_params()
+        self.steps = 0
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Persist the adapted state atomically (write a temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"t/{n}": v for n, v in self._tensors.items()}
+        arrays.update({f"v/{n}": v for n, v in self._velocity.items()})
+        arrays["steps"] = np.asarray(self.steps)
+        arrays["bundle"] = np.asarray(self.bundle.fingerprint)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Load state written by ``save`` for this same bundle."""
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["bundle"]) != self.bundle.fingerprint:
+                raise BundleError(f"state {path} was saved for another bundle")
+            tensors = {k[2:]: data[k] for k in data.files if k.startswith("t/")}
+            velocity = {k[2:]: data[k] for k in data.files if k.startswith("v/")}
+            steps = int(data["steps"])
+        if set(tensors) != set(self._tensors) or set(velocity) != set(self._velocity):
+            raise BundleError(f"state {path} does not match this bundle's meta networks")
+        self._tensors, self._velocity, self.steps = tensors, velocity, steps
+        self._write_params()

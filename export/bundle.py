@@ -1,0 +1,287 @@
+"""Export a warmed-up EcoTTA model to a device bundle.
+
+The bundle is a folder that the device side (``edgetta``, no torch) loads:
+
+- ``inference.onnx``: backbone + meta networks, meta BatchNorms on running statistics; every
+  meta tensor is an overridable input (its initializer is the warmed-up default), so the
+  device feeds the adapted values without rewriting the graph.
+- ``training_model.onnx``, ``optimizer_model.onnx``, ``checkpoint``: onnxruntime-training
+  artifacts. Only meta-network parameters are trainable; backbone weights are constants of
+  the graph and meta running statistics are frozen checkpoint entries.
+- ``manifest.json``: what the device needs to preprocess, adapt and verify the files.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt_io
+from .ecotta import EcoTTAModel, ecotta_loss
+from .models import Backbone
+from .pruning import sparsity_report, total_density
+
+SCHEMA_VERSION = 1
+OPSET = 17
+TRAINING_FILES = ("training_model.onnx", "optimizer_model.onnx", "checkpoint")
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "wrn16_2_erk80_k4.pt"
+
+
+class FrozenAffine(nn.Module):
+    """An eval-mode BatchNorm as a per-channel affine map.
+
+    Exported as Mul/Add with constants, it stays frozen and keeps its source statistics in
+    the training graph (a BatchNormalization node would be switched to batch statistics by
+    onnxruntime-training's graph transforms).
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        inv = torch.rsqrt(bn.running_var + bn.eps)
+        w = bn.weight if bn.affine else torch.ones_like(inv)
+        b = bn.bias if bn.affine else torch.zeros_like(inv)
+        self.register_buffer("scale", (w * inv).detach().clone().view(1, -1, 1, 1))
+        self.register_buffer("shift", (b - bn.running_mean * w * inv).detach().clone().view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def freeze_batchnorms(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d below ``module`` by its FrozenAffine, in place."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenAffine(child))
+        else:
+            freeze_batchnorms(child)
+    return module
+
+
+def meta_batchnorms(model: EcoTTAModel) -> dict[str, nn.BatchNorm2d]:
+    return {f"metas.{i}.{n}": bn for i, m in enumerate(model.metas) for n, bn in m.batchnorms().items()}
+
+
+class TrainingGraph(nn.Module):
+    """loss, logits and each meta BatchNorm's batch mean and (unbiased) variance."""
+
+    def __init__(self, model: EcoTTAModel, lam: float, e0: float):
+        super().__init__()
+        self.model, self.lam, self.e0 = model, lam, e0
+
+    def forward(self, x: torch.Tensor):
+        loss, logits, _, _ = ecotta_loss(self.model, x, self.lam, self.e0)
+        _, trace = self.model.features(x)
+        stats = []
+        for meta, (x_prev, h, _) in zip(self.model.metas, trace):
+            for t in (h, meta.conv(x_prev)):
+                stats += [t.mean(dim=(0, 2, 3)), t.var(dim=(0, 2, 3), unbiased=True)]
+        return (loss, logits, *stats)
+
+
+class InferenceGraph(nn.Module):
+    def __init__(self, model: EcoTTAModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def stat_output_names(model: EcoTTAModel) -> list[str]:
+    return [f"stat.{name}.{s}" for name in meta_batchnorms(model) for s in ("mean", "var")]
+
+
+def _export(module: nn.Module, x: torch.Tensor, output_names: list[str]) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    dyn = {"input": {0: "batch"}, "logits": {0: "batch"}}
+    torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=OPSET,
+                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                      export_params=True, keep_initializers_as_inputs=True,
+                      input_names=["input"], output_names=output_names, dynamic_axes=dyn)
+    proto = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _keep_inputs(proto: onnx.ModelProto, keep: set[str]) -> None:
+    inits = {i.name for i in proto.graph.initializer}
+    kept = [i for i in proto.graph.input if i.name not in inits or i.name in keep]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+
+
+def _sparsify(proto: onnx.ModelProto, names: set[str], max_density: float = 0.5) -> int:
+    """Store the named initializers as COO sparse initializers when mostly zero.
+    onnxruntime densifies them at load time; on disk the zeros cost nothing."""
+    keep, moved = [], 0
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if init.name in names and arr.size and np.count_nonzero(arr) / arr.size <= max_density:
+            flat = arr.ravel()
+            idx = np.flatnonzero(flat).astype(np.int64)
+            values = numpy_helper.from_array(flat[idx], init.name)
+            indices = numpy_helper.from_array(idx, init.name + ".indices")
+            proto.graph.sparse_initializer.append(
+                onnx.helper.make_sparse_tensor(values, indices, list(arr.shape)))
+            moved += 1
+        else:
+            keep.append(init)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    return moved
+
+
+def _fix_ir(proto: onnx.ModelProto) -> None:
+    # onnxruntime 1.19 reads IR version <= 10
+    proto.ir_version = min(proto.ir_version, 9)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "onnx", "onnxruntime-training-cpu", "onnxruntime-training", "edgetta"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_model(ckpt: dict[str, Any]) -> EcoTTAModel:
+    """The warmed-up EcoTTA model held by a host checkpoint."""
+    backbone: Backbone = ckpt_io.build_backbone(ckpt)
+    if "meta_state_dict" not in ckpt:
+        raise ValueError("checkpoint has no meta networks: run 'python -m export.warmup' on it first")
+    model = EcoTTAModel(backbone, ckpt["split"])
+    model.metas.load_state_dict(ckpt["meta_state_dict"])
+    return model
+
+
+def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float = 0.005,
+                  momentum: float = 0.9, lam: float = 0.5, e0: float | None = None,
+                  batch_size: int = 64, bn_momentum: float = 0.1, sparse_storage: bool = True,
+                  export_batch: int = 2) -> dict[str, Any]:
+    """Write a device bundle for a warmed-up checkpoint; returns the manifest."""
+    from onnxruntime.training import artifacts
+
+    model = build_model(ckpt)
+    num_classes = len(ckpt["class_names"])
+    e0 = 0.4 * math.log(num_classes) if e0 is None else e0
+    sparsity = sparsity_report(model.backbone)
+    freeze_batchnorms(model.backbone)
+    model.train()
+    size = ckpt.get("input_size", 32)
+    x = torch.randn(export_batch, 3, size, size)
+
+    meta_params = [f"model.metas.{n}" for n, _ in model.metas.named_parameters()]
+    meta_stats = [f"model.{n}.running_{s}" for n in meta_batchnorms(model) for s in ("mean", "var")]
+    backbone_names = {f"model.backbone.{n}" for n, _ in model.backbone.named_parameters()}
+    backbone_names |= {f"model.backbone.{n}" for n, _ in model.backbone.named_buffers()}
+    stat_outputs = stat_output_names(model)
+
+    out = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent if out.parent.exists() else None))
+    try:
+        train_proto = _export(TrainingGraph(model, lam, e0), x, ["loss", "logits", *stat_outputs])
+        _keep_inputs(train_proto, set())
+        names = {i.name for i in train_proto.graph.initializer}
+        missing = [n for n in meta_params + meta_stats if n not in names]
+        if missing:
+            raise RuntimeError(f"exporter merged or dropped meta tensors {missing}; "
+                               "they must stay distinct initializers to be trainable")
+        _fix_ir(train_proto)
+        artifacts.generate_artifacts(train_proto, requires_grad=meta_params, frozen_params=meta_stats,
+                                     loss=None, optimizer=artifacts.OptimType.SGD,
+                                     artifact_directory=tmp)
+        (tmp / "eval_model.onnx").unlink(missing_ok=True)  # inference.onnx serves instead
+
+        model.eval()
+        model.backbone.eval()
+        infer_model = InferenceGraph(model)
+        infer_model.training = True  # no value-based initializer merging; BNs stay eval-mode
+        infer_proto = _export(infer_model, x, ["logits"])
+        _keep_inputs(infer_proto, set(meta_params + meta_stats))
+        _fix_ir(infer_proto)
+        sparse_count = 0
+        if sparse_storage:
+            sparse_count = _sparsify(infer_proto, backbone_names)
+            training_model = onnx.load(tmp / "training_model.onnx")
+            _sparsify(training_model, backbone_names)
+            onnx.save(training_model, tmp / "training_model.onnx")
+        onnx.save(infer_proto, tmp / "inference.onnx")
+
+        initial = {i.name: numpy_helper.to_array(i) for i in infer_proto.graph.initializer
+                   if i.name in set(meta_params + meta_stats)}
+        mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
+        files = {}
+        for path in sorted(p for p in tmp.iterdir() if p.is_file()):
+            files[path.name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "format": "edgetta-bundle",
+            "model": {"architecture": ckpt["model"], "dataset": ckpt.get("dataset"),
+                      "source_test_accuracy": ckpt.get("test_accuracy"),
+                      "meta_warmup": ckpt.get("warmup", {})},
+            "input": {"name": "input", "shape": [3, size, size], "layout": "NCHW",
+                      "dtype": "float32", "frame_layout": "HWC", "color_order": "RGB",
+                      "resize": [size, size], "scale": 1.0 / 255.0, "mean": mean, "std": std},
+            "class_names": list(ckpt["class_names"]),
+            "ecotta": {"k": model.k, "split": model.split, "lambda": lam, "e0": e0,
+                       "entropy_average": "batch"},
+            "adaptation": {"optimizer": "sgd", "lr": lr, "momentum": momentum,
+                           "batch_size": batch_size, "bn_momentum": bn_momentum,
+                           "momentum_note": "onnxruntime-training's SGD has no momentum; the "
+                                            "device applies SGD with momentum itself from the "
+                                            "gradients the training graph computes"},
+            "graphs": {
+                "inference": {"file": "inference.onnx", "inputs": ["input", *meta_params, *meta_stats],
+                              "outputs": ["logits"]},
+                "training": {"file": "training_model.onnx", "checkpoint": "checkpoint",
+                             "optimizer": "optimizer_model.onnx",
+                             "outputs": ["loss", "logits", *stat_outputs]},
+            },
+            "trainable": meta_params,
+            "frozen": {"meta_running_stats": meta_stats, "backbone_tensors": len(backbone_names),
+                       "backbone_storage": "graph constants"},
+            "running_stats": {f"stat.{n}.{s}": f"model.{n}.running_{s}"
+                              for n in meta_batchnorms(model) for s in ("mean", "var")},
+            "backbone": {"density": total_density(sparsity), "sparsity_report": sparsity,
+                         "pruning": ckpt.get("pruning", {}),
+                         "sparse_initializers": sparse_count},
+            "parameters": {"trainable": int(sum(v.size for k, v in initial.items() if k in meta_params)),
+                           "backbone": int(sum(r["params"] for r in sparsity))},
+            "files": files,
+            "bundle_bytes": int(sum(f["bytes"] for f in files.values())),
+            "versions": _versions(),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logging.info("bundle written to %s", out)
+    return manifest

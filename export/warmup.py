@@ -1,0 +1,123 @@
+"""Warm up EcoTTA's meta networks on source data, with the backbone frozen.
+
+    python -m export.warmup runs/wrn16_2_erk80.pt --out export/weights/wrn16_2_erk80_k4.pt
+
+Cross-entropy, SGD with momentum, light colour / blur / greyscale augmentation. The result is
+the host checkpoint that ``edgetta export`` turns into a device bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint, datasets
+from .ecotta import EcoTTAModel, default_split
+from .train import augment, evaluate, to_tensor
+
+
+def colour_blur_grey(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Light photometric augmentation: brightness/contrast jitter, a mild blur, greyscale."""
+    out = batch.astype(np.float32)
+    n = len(out)
+    brightness = rng.uniform(0.8, 1.2, (n, 1, 1, 1))
+    contrast = rng.uniform(0.8, 1.2, (n, 1, 1, 1))
+    mean = out.mean(axis=(1, 2, 3), keepdims=True)
+    out = (out - mean) * contrast + mean * brightness
+    for i in np.flatnonzero(rng.random(n) < 0.3):
+        out[i] = cv2.GaussianBlur(out[i], (3, 3), float(rng.uniform(0.1, 1.0)))
+    grey = rng.random(n) < 0.2
+    out[grey] = out[grey].mean(axis=3, keepdims=True)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def init_meta_from_source(model: EcoTTAModel, x: torch.Tensor) -> None:
+    """Start each BN_meta as the identity on source features (its affine undoes its own
+    normalization), so warm-up begins from the source model's accuracy."""
+    _, trace = model.features(x)
+    for meta, (_, h, _) in zip(model.metas, trace):
+        mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3))
+        bn = meta.bn_meta
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(torch.sqrt(var + bn.eps))
+        bn.bias.copy_(mean)
+
+
+def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
+           data_root: str | None, limit: int | None = None) -> dict:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    backbone = checkpoint.build_backbone(ckpt)
+    model = EcoTTAModel(backbone, default_split(len(backbone.blocks), k))
+    x_train, y_train, _ = datasets.load(ckpt.get("dataset", "fashion-mnist"), "train", data_root)
+    x_test, y_test, _ = datasets.load(ckpt.get("dataset", "fashion-mnist"), "test", data_root)
+    if limit:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+    mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
+    model.train()
+    init_meta_from_source(model, to_tensor(x_train[rng.permutation(len(x_train))[:512]], mean, std))
+    opt = torch.optim.SGD(model.meta_parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps = max(1, int(math.ceil(epochs * len(x_train) / batch)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    start = time.time()
+    order = np.concatenate([rng.permutation(len(x_train)) for _ in range(int(math.ceil(epochs)) + 1)])
+    bar = tqdm(range(steps), desc="meta warm-up", unit="batch", file=sys.stderr, dynamic_ncols=True)
+    for step in bar:
+        idx = order[step * batch:(step + 1) * batch]
+        x = to_tensor(colour_blur_grey(augment(x_train[idx], rng), rng), mean, std)
+        loss = F.cross_entropy(model(x), torch.from_numpy(y_train[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    source_acc = evaluate(backbone, x_test, y_test, mean, std)
+    meta_acc = evaluate(model, x_test, y_test, mean, std)
+    out = dict(ckpt)
+    out.update({
+        "split": model.split, "meta_state_dict": model.metas.state_dict(),
+        "warmup": {"epochs": epochs, "batch": batch, "lr": lr, "seed": seed, "steps": steps,
+                   "time_s": round(time.time() - start, 1), "k": k, "split": model.split,
+                   "test_accuracy_backbone": source_acc, "test_accuracy_with_meta": meta_acc},
+    })
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.warmup", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a trained source checkpoint (python -m export.train)")
+    p.add_argument("--k", type=int, default=4, help="number of parts / meta networks")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    result = warmup(checkpoint.load(a.checkpoint), a.k, a.epochs, a.batch, a.lr, a.seed,
+                    a.data_root, a.limit)
+    result["warmup"]["command"] = "python -m export.warmup " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    checkpoint.save(a.out, result)
+    print(json.dumps({"out": a.out, **{k: v for k, v in result["warmup"].items() if k != "command"}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
