@@ -12,6 +12,7 @@ The bundle is a folder that the device side (``edgetta``, no torch) loads:
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -20,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -108,10 +110,15 @@ def stat_output_names(model: EcoTTAModel) -> list[str]:
 def _export(module: nn.Module, x: torch.Tensor, output_names: list[str]) -> onnx.ModelProto:
     buf = io.BytesIO()
     dyn = {"input": {0: "batch"}, "logits": {0: "batch"}}
-    torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=OPSET,
-                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-                      export_params=True, keep_initializers_as_inputs=True,
-                      input_names=["input"], output_names=output_names, dynamic_axes=dyn)
+    # tracing runs the module: keep train-mode BatchNorms from moving their running stats
+    saved = copy.deepcopy(module.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=OPSET,
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                          export_params=True, keep_initializers_as_inputs=True,
+                          input_names=["input"], output_names=output_names, dynamic_axes=dyn)
+    module.load_state_dict(saved)
     proto = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(proto)
     return proto
@@ -183,7 +190,10 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                   batch_size: int = 64, bn_momentum: float = 0.1, sparse_storage: bool = True,
                   export_batch: int = 2) -> dict[str, Any]:
     """Write a device bundle for a warmed-up checkpoint; returns the manifest."""
+    import onnxruntime
     from onnxruntime.training import artifacts
+
+    onnxruntime.set_default_logger_severity(3)
 
     model = build_model(ckpt)
     num_classes = len(ckpt["class_names"])

@@ -1,0 +1,128 @@
+"""The host export chain: the bundle's graphs agree with the torch model they came from."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.bundle import build_model, export_bundle, freeze_batchnorms
+from export.ecotta import ecotta_loss
+from tests.conftest import make_checkpoint
+
+
+def torch_reference(ckpt):
+    model = build_model(ckpt)
+    freeze_batchnorms(model.backbone)
+    return model
+
+
+def test_inference_graph_matches_torch_logits(tiny_ckpt, tiny_bundle):
+    import onnxruntime as ort
+    model = torch_reference(tiny_ckpt).eval()
+    x = np.random.default_rng(1).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    sess = ort.InferenceSession(str(tiny_bundle / "inference.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(["logits"], {"input": x})[0]
+    assert np.abs(out - ref).max() < 1e-4
+
+
+def _ort_loss_and_grads(bundle, x):
+    from onnxruntime.training.api import CheckpointState, Module
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    state = CheckpointState.load_checkpoint(str(bundle / "checkpoint"))
+    module = Module(str(bundle / "training_model.onnx"), state, device="cpu")
+    module.train()
+    outs = module(x)
+    return float(outs[0]), outs[1], {n: state.parameters[n].grad.copy() for n in manifest["trainable"]}
+
+
+def _torch_loss_and_grads(model, x, detach=True):
+    import export.ecotta as eco
+    model.train()
+    model.zero_grad()
+    if not detach:  # the regularizer without the paper's stop-gradient
+        orig = eco.stop_gradient
+        eco.stop_gradient = lambda t: t
+    try:
+        loss, logits, _, _ = ecotta_loss(model, torch.from_numpy(x), 0.5, 0.4 * np.log(10))
+    finally:
+        if not detach:
+            eco.stop_gradient = orig
+    loss.backward()
+    return loss.item(), logits.detach().numpy(), {
+        f"model.metas.{n}": p.grad.numpy().copy() for n, p in model.metas.named_parameters()}
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_training_graph_loss_and_gradients_match_torch(tiny_ckpt, tiny_bundle, batch):
+    """Loss and every meta gradient of onnxruntime-training equal torch's, where torch applies
+    the paper's stop-gradient with detach(); without it the gradients differ measurably."""
+    x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    loss, logits, grads = _ort_loss_and_grads(tiny_bundle, x)
+    t_loss, t_logits, t_grads = _torch_loss_and_grads(torch_reference(tiny_ckpt), x)
+    assert abs(loss - t_loss) <= 1e-4 * max(1.0, abs(t_loss))
+    assert np.abs(logits - t_logits).max() < 1e-4
+    assert set(grads) == set(t_grads)
+    for name, g in grads.items():
+        scale = np.abs(t_grads[name]).max() + 1e-8
+        assert np.abs(g - t_grads[name]).max() / scale < 1e-3, name
+    # the test can tell: without the stop-gradient, early meta networks get other gradients
+    _, _, leaky = _torch_loss_and_grads(torch_reference(tiny_ckpt), x, detach=False)
+    differs = [n for n in grads if np.abs(leaky[n] - grads[n]).max() / (np.abs(grads[n]).max() + 1e-8) > 1e-2]
+    assert any(n.startswith("model.metas.0.") for n in differs)
+
+
+def test_only_meta_parameters_are_trainable(tiny_bundle):
+    from onnxruntime.training.api import CheckpointState
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    state = CheckpointState.load_checkpoint(str(tiny_bundle / "checkpoint"))
+    names = list(manifest["trainable"]) + list(manifest["frozen"]["meta_running_stats"])
+    for n in names:
+        p = state.parameters[n]
+        assert p.requires_grad == (n in manifest["trainable"]), n
+    assert all(n.startswith("model.metas.") for n in manifest["trainable"])
+    assert all("running_" in n for n in manifest["frozen"]["meta_running_stats"])
+    # backbone tensors are constants of the training graph, not checkpoint parameters
+    train = onnx.load(str(tiny_bundle / "training_model.onnx"))
+    inputs = {i.name for i in train.graph.input}
+    assert not any(n.startswith("model.backbone.") for n in inputs)
+    consts = {i.name for i in train.graph.initializer} | {s.values.name for s in train.graph.sparse_initializer}
+    assert any(n.startswith("model.backbone.") for n in consts)
+
+
+def test_cold_meta_networks_stay_distinct_trainable_tensors(tmp_path):
+    """Identical initial values (fresh BatchNorms) must not be merged by the exporter."""
+    ckpt = make_checkpoint(cold=True)
+    manifest = export_bundle(ckpt, tmp_path / "cold")
+    model = build_model(ckpt)
+    assert len(manifest["trainable"]) == len(list(model.metas.parameters()))
+
+
+def test_sparse_storage_shrinks_bundle_and_keeps_logits(tiny_ckpt, tiny_bundle, tmp_path):
+    import onnxruntime as ort
+    dense = tmp_path / "dense"
+    m_dense = export_bundle(tiny_ckpt, dense, sparse_storage=False)
+    m_sparse = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert m_sparse["backbone"]["sparse_initializers"] > 0
+    assert m_sparse["bundle_bytes"] < 0.75 * m_dense["bundle_bytes"]
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    a = ort.InferenceSession(str(tiny_bundle / "inference.onnx")).run(None, {"input": x})[0]
+    b = ort.InferenceSession(str(dense / "inference.onnx")).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_manifest_records_what_the_device_needs(tiny_bundle):
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert m["schema_version"] == 1
+    assert m["ecotta"]["k"] == 4 and m["ecotta"]["lambda"] == 0.5
+    assert m["ecotta"]["e0"] == pytest.approx(0.4 * np.log(10))
+    assert m["input"]["shape"] == [3, 32, 32] and len(m["input"]["mean"]) == 3
+    assert len(m["class_names"]) == 10
+    assert m["adaptation"]["lr"] > 0 and m["adaptation"]["momentum"] == 0.9
+    assert 0.15 < m["backbone"]["density"] < 0.25
+    assert len(m["backbone"]["sparsity_report"]) > 5
+    for name, f in m["files"].items():
+        assert len(f["sha256"]) == 64 and f["bytes"] == (tiny_bundle / name).stat().st_size
+    assert {"torch", "onnx"} <= set(m["versions"])
