@@ -1,0 +1,179 @@
+"""The device side: bundle verification, the adapter loop, and no torch anywhere near it."""
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetta import Adapter, Bundle, BundleError, FrameError
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
+
+
+def run_without_torch(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A fresh interpreter in which ``import torch`` (and onnx) fail, as on a device."""
+    return subprocess.run([sys.executable, "-c", NO_TORCH + code], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_device_package_never_imports_torch_or_host_code():
+    banned = {"torch", "torchvision", "onnx", "export"}
+    for path in (ROOT / "edgetta").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for n in names:
+                top = n.split(".")[0]
+                if top in banned:
+                    # the one allowed place: 'edgetta export' reaching for the host toolchain
+                    assert path.name == "cli.py" and top == "export", f"{path}: imports {n}"
+
+
+def test_adaptation_runs_without_torch(tiny_bundle, corrupted_frames):
+    """20 onnxruntime-training steps on real corrupted images in a torch-free process: the loss
+    falls, meta parameters change, the frozen backbone and running statistics do not."""
+    images, _ = corrupted_frames
+    np.save(tiny_bundle.parent / "frames.npy", images[:32])
+    code = f"""
+import json, numpy as np
+import edgetta
+from edgetta import Adapter
+assert 'torch' not in sys.modules or sys.modules['torch'] is None
+a = Adapter.load({str(tiny_bundle)!r})
+frames = np.load({str(tiny_bundle.parent / 'frames.npy')!r})
+x = a.preprocess(frames)
+before = a.meta_state()
+state = a._state.parameters
+frozen = {{n: state[n].data.copy() for n in a.bundle.manifest['frozen']['meta_running_stats']}}
+losses = []
+for _ in range(20):
+    a.step(frames)
+    losses.append(a.last_loss)
+after = a.meta_state()
+changed = [n for n in a.bundle.manifest['trainable'] if not np.array_equal(before[n], after[n])]
+frozen_same = all(np.array_equal(frozen[n], state[n].data) for n in frozen)
+# backbone inside the training session: with the initial meta values restored, a forward pass
+# gives the very first loss again, bit for bit
+a.reset()
+a._module.train(); a._module.lazy_reset_grad()
+replay = float(a._module(x)[0])
+print(json.dumps(dict(losses=losses, changed=len(changed), total=len(a.bundle.manifest['trainable']),
+                      frozen_same=frozen_same, replay=replay, torch=str(sys.modules.get('torch')))))
+"""
+    r = run_without_torch(code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["torch"] == "None"
+    assert out["losses"][-1] < out["losses"][0]
+    assert out["changed"] == out["total"]
+    assert out["frozen_same"]
+    assert out["replay"] == out["losses"][0]
+    # and the bundle's files are untouched
+    Bundle.open(tiny_bundle)
+
+
+def test_export_without_torch_says_how_to_install(tmp_path):
+    r = run_without_torch(f"from edgetta.cli import main; sys.exit(main(['export', '--out', {str(tmp_path / 'b')!r}]))")
+    assert r.returncode == 2
+    assert "pip install 'edgetta[export]'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.fixture()
+def bundle_copy(tiny_bundle, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def test_tampered_file_is_refused(bundle_copy):
+    path = bundle_copy / "inference.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 of inference.onnx does not match"):
+        Adapter.load(bundle_copy)
+
+
+def test_truncated_missing_and_foreign_bundles_are_refused(bundle_copy, tmp_path):
+    ck = bundle_copy / "checkpoint"
+    ck.write_bytes(ck.read_bytes()[:-10])
+    with pytest.raises(BundleError, match="checkpoint has .* bytes"):
+        Bundle.open(bundle_copy)
+    (bundle_copy / "checkpoint").unlink()
+    with pytest.raises(BundleError, match="checkpoint listed in the manifest is missing"):
+        Bundle.open(bundle_copy)
+    with pytest.raises(BundleError, match="not found"):
+        Bundle.open(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        Bundle.open(tmp_path / "empty")
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="schema 99"):
+        Bundle.open(bundle_copy)
+
+
+def test_cli_refuses_a_tampered_bundle_in_one_line(bundle_copy):
+    (bundle_copy / "training_model.onnx").write_bytes(b"not a model")
+    r = subprocess.run([sys.executable, "-m", "edgetta", "adapt", str(bundle_copy), "--limit", "8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_save_resume_and_reset(tiny_bundle, corrupted_frames, tmp_path):
+    images, _ = corrupted_frames
+    a = Adapter.load(tiny_bundle)
+    initial = a.meta_state()
+    for i in range(3):
+        a.step(images[i * 16:(i + 1) * 16])
+    adapted = a.meta_state()
+    a.save(tmp_path / "state.npz")
+    assert not (tmp_path / "state.npz.tmp").exists()
+    b = Adapter.load(tiny_bundle)
+    b.resume(tmp_path / "state.npz")
+    assert b.steps == 3
+    for n in adapted:
+        np.testing.assert_array_equal(b.meta_state()[n], adapted[n])
+    # the resumed adapter continues exactly as the original would
+    np.testing.assert_allclose(a.step(images[48:64]), b.step(images[48:64]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.step(images[64:80], adapt=False), b.step(images[64:80], adapt=False),
+                               rtol=1e-5, atol=1e-5)
+    a.reset()
+    assert a.steps == 0
+    for n in initial:
+        np.testing.assert_array_equal(a.meta_state()[n], initial[n])
+
+
+def test_bad_frames_raise_clear_errors(tiny_bundle):
+    a = Adapter.load(tiny_bundle)
+    with pytest.raises(FrameError, match="NaN"):
+        a.step(np.full((32, 32, 3), np.nan, dtype=np.float32))
+    with pytest.raises(FrameError, match="empty"):
+        a.step(np.zeros((0, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(FrameError, match="colour channels"):
+        a.step(np.zeros((2, 32, 32, 5), dtype=np.uint8))
+    with pytest.raises(FrameError, match="shape"):
+        a.step(np.zeros((2, 2, 32, 32, 3), dtype=np.uint8))
+    # other sizes are resized as the manifest says; greyscale is expanded
+    assert a.step(np.zeros((48, 40, 3), dtype=np.uint8), adapt=False).shape == (1, 10)
+    assert a.step(np.zeros((32, 32), dtype=np.uint8), adapt=False).shape == (1, 10)
+
+
+def test_unavailable_provider_is_a_clear_error(tiny_bundle):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        Adapter.load(tiny_bundle, provider="cuda")
