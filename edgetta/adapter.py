@@ -59,6 +59,13 @@ class Adapter:
         except Exception as e:  # onnxruntime raises its own types; say which bundle failed
             raise BundleError(f"{bundle.path}: onnxruntime could not load the bundle: {e}") from e
         self._outputs = list(self._module.output_names())
+        self._ort_optimizer = None
+        if self.momentum == 0.0 and "optimizer" in m["graphs"]["training"]:
+            # plain SGD: the bundle's own onnxruntime-training optimizer graph does the update
+            from onnxruntime.training.api import Optimizer
+            self._ort_optimizer = Optimizer(str(bundle.file(m["graphs"]["training"]["optimizer"])),
+                                            self._module)
+            self._ort_optimizer.set_learning_rate(self.lr)
         self._tensors = {n: self._state.parameters[n].data.copy()
                          for n in self._trainable + list(self._stat_of.values())}
         self._initial = {n: v.copy() for n, v in self._tensors.items()}
@@ -102,7 +109,11 @@ class Adapter:
         if not np.isfinite(loss):
             raise FloatingPointError(f"adaptation loss is {loss}; state left unchanged")
         params = self._state.parameters
-        for name in self._trainable:
+        if self._ort_optimizer is not None:
+            self._ort_optimizer.step()
+            for name in self._trainable:
+                self._tensors[name] = params[name].data.copy()
+        for name in ([] if self._ort_optimizer is not None else self._trainable):
             grad = params[name].grad
             v = self._velocity[name]
             v *= self.momentum

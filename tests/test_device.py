@@ -177,3 +177,20 @@ def test_unavailable_provider_is_a_clear_error(tiny_bundle):
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
         Adapter.load(tiny_bundle, provider="cuda")
+
+
+def test_plain_sgd_runs_on_the_bundles_optimizer_graph(tiny_bundle):
+    """momentum=0 uses onnxruntime-training's own SGD graph; it must agree with the device's
+    update rule (which with a vanishing momentum is plain SGD on the first step)."""
+    frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    a = Adapter.load(tiny_bundle, momentum=0.0, lr=0.01)
+    b = Adapter.load(tiny_bundle, momentum=1e-12, lr=0.01)
+    assert a._ort_optimizer is not None and b._ort_optimizer is None
+    a.step(frames)
+    b.step(frames)
+    sa, sb = a.meta_state(), b.meta_state()
+    moved = 0
+    for n in sa:
+        np.testing.assert_allclose(sa[n], sb[n], rtol=1e-5, atol=1e-7)
+        moved += not np.array_equal(sa[n], Adapter.load(tiny_bundle).meta_state()[n])
+    assert moved > 0
