@@ -18,16 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from ._ort import onnxruntime, training_api
 from .bundle import Bundle, BundleError
 from .preprocess import preprocess
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-def _ort():
-    import onnxruntime as ort
-    ort.set_default_logger_severity(3)
-    return ort
 
 
 class Adapter:
@@ -35,11 +30,12 @@ class Adapter:
                  momentum: float | None = None):
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
-        ort = _ort()
+        ort = onnxruntime()
         if PROVIDERS[provider] not in ort.get_available_providers():
             raise RuntimeError(f"the installed onnxruntime has no {PROVIDERS[provider]}; "
                                f"available: {ort.get_available_providers()}")
-        from onnxruntime.training.api import CheckpointState, Module
+        api = training_api()
+        CheckpointState, Module = api.CheckpointState, api.Module
 
         self.bundle = bundle
         m = bundle.manifest
@@ -62,8 +58,7 @@ class Adapter:
         self._ort_optimizer = None
         if self.momentum == 0.0 and "optimizer" in m["graphs"]["training"]:
             # plain SGD: the bundle's own onnxruntime-training optimizer graph does the update
-            from onnxruntime.training.api import Optimizer
-            self._ort_optimizer = Optimizer(str(bundle.file(m["graphs"]["training"]["optimizer"])),
+            self._ort_optimizer = api.Optimizer(str(bundle.file(m["graphs"]["training"]["optimizer"])),
                                             self._module)
             self._ort_optimizer.set_learning_rate(self.lr)
         self._tensors = {n: self._state.parameters[n].data.copy()
