@@ -12,6 +12,7 @@ The bundle is a folder that the device side (``edgetta``, no torch) loads:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -20,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from importlib import metadata
@@ -157,6 +159,25 @@ def _fix_ir(proto: onnx.ModelProto) -> None:
     proto.ir_version = min(proto.ir_version, 9)
 
 
+@contextlib.contextmanager
+def _native_stderr_to(path: Path):
+    """onnxruntime's graph builder logs every transformer to the C-level stderr; keep that
+    in a file (shown only if the export fails)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "wb") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    except Exception:
+        os.dup2(saved, 2)
+        sys.stderr.write(path.read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -221,9 +242,12 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
             raise RuntimeError(f"exporter merged or dropped meta tensors {missing}; "
                                "they must stay distinct initializers to be trainable")
         _fix_ir(train_proto)
-        artifacts.generate_artifacts(train_proto, requires_grad=meta_params, frozen_params=meta_stats,
-                                     loss=None, optimizer=artifacts.OptimType.SGD,
-                                     artifact_directory=tmp)
+        log = Path(tempfile.mkstemp(prefix="edgetta-export-", suffix=".log")[1])
+        with _native_stderr_to(log):
+            artifacts.generate_artifacts(train_proto, requires_grad=meta_params,
+                                         frozen_params=meta_stats, loss=None,
+                                         optimizer=artifacts.OptimType.SGD, artifact_directory=tmp)
+        log.unlink(missing_ok=True)
         (tmp / "eval_model.onnx").unlink(missing_ok=True)  # inference.onnx serves instead
 
         model.eval()
@@ -289,6 +313,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

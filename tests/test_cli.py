@@ -1,0 +1,54 @@
+"""The README's main command, end to end: export the built-in model, adapt on the built-in stream."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_export_then_adapt_prints_both_accuracies(tmp_path):
+    bundle = tmp_path / "default"
+    r = subprocess.run([sys.executable, "-m", "edgetta", "export", "--out", str(bundle)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "backbone density 0.200" in r.stdout
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == "wrn16_2"
+    assert manifest["backbone"]["density"] <= 0.2 + 1e-3   # at least 80% sparse (ERK)
+
+    r = subprocess.run([sys.executable, "-m", "edgetta", "adapt", str(bundle), "--limit", "960",
+                        "--quiet"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accuracy without adaptation:" in r.stdout
+    assert "accuracy with EcoTTA adaptation" in r.stdout
+
+    r = subprocess.run([sys.executable, "-m", "edgetta", "adapt", str(bundle), "--limit", "320",
+                        "--quiet", "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    report = json.loads(r.stdout)
+    assert report["frames"] == 320 and report["adaptation_steps"] == 5
+    assert 0.0 <= report["accuracy_no_adaptation"] <= 1.0
+    assert 0.0 <= report["accuracy_adapted"] <= 1.0
+    assert set(report["per_domain"]) == {"gaussian_noise", "shot_noise"}
+
+
+def test_default_bundle_matches_torch_and_source_accuracy(default_bundle):
+    """The built-in bundle's inference graph reproduces the torch model (max |diff| < 1e-4) on
+    real corrupted frames."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from edgetta.streams import load_stream
+    from export import checkpoint
+    from export.bundle import DEFAULT_CHECKPOINT, build_model
+    from edgetta.preprocess import preprocess
+
+    manifest = json.loads((default_bundle / "manifest.json").read_text())
+    frames = load_stream("demo").images[::50]
+    x = preprocess(frames, manifest["input"])
+    model = build_model(checkpoint.load(DEFAULT_CHECKPOINT)).eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    out = ort.InferenceSession(str(default_bundle / "inference.onnx")).run(["logits"], {"input": x})[0]
+    assert np.abs(out - ref).max() < 1e-4
