@@ -126,3 +126,26 @@ def test_manifest_records_what_the_device_needs(tiny_bundle):
     for name, f in m["files"].items():
         assert len(f["sha256"]) == 64 and f["bytes"] == (tiny_bundle / name).stat().st_size
     assert {"torch", "onnx"} <= set(m["versions"])
+
+
+@pytest.mark.parametrize("name,k", [("resnet26", 4), ("wrn16_1", 2)])
+def test_other_zoo_models_export_with_matching_gradients(name, k, tmp_path):
+    from export.ecotta import default_split
+    from export.models import create_model
+    ckpt = make_checkpoint(name)
+    if k != 4:
+        ckpt["split"] = default_split(len(create_model(name).blocks), k)
+        # fresh meta networks for the other split
+        from export.ecotta import EcoTTAModel
+        from export import checkpoint
+        m = EcoTTAModel(checkpoint.build_backbone(ckpt), ckpt["split"])
+        ckpt["meta_state_dict"] = m.metas.state_dict()
+    bundle = tmp_path / name
+    manifest = export_bundle(ckpt, bundle)
+    assert manifest["ecotta"]["k"] == k
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    loss, _, grads = _ort_loss_and_grads(bundle, x)
+    t_loss, _, t_grads = _torch_loss_and_grads(torch_reference(ckpt), x)
+    assert abs(loss - t_loss) <= 1e-4 * max(1.0, abs(t_loss))
+    for n, g in grads.items():
+        assert np.abs(g - t_grads[n]).max() / (np.abs(t_grads[n]).max() + 1e-8) < 1e-3, n
