@@ -2,6 +2,7 @@
 
     edgetta export [--checkpoint CKPT] --out BUNDLE     host: PyTorch checkpoint -> device bundle
     edgetta adapt BUNDLE [--stream demo|FILE]           device: accuracy with and without adaptation
+    edgetta profile BUNDLE [--target T] [--batch N]     device: memory of adaptation vs a budget
 """
 from __future__ import annotations
 
@@ -112,6 +113,34 @@ def cmd_adapt(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(a: argparse.Namespace) -> int:
+    from .bundle import Bundle, BundleError
+    from .profile import MIB, analyse, format_table, measure_step, plot
+    from .targets import get_target
+
+    try:
+        bundle = Bundle.open(a.bundle)
+        target = get_target(a.target)
+    except (BundleError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.budget is not None:
+        target = type(target)(**{**target.as_dict(), "budget_mib": int(a.budget)})
+    batch = a.batch or bundle.manifest["adaptation"]["batch_size"]
+    report = analyse(bundle, target, batch)
+    measured = None if a.no_measure else measure_step(bundle.path, batch, provider=a.provider)
+    if measured:
+        report["measured"] = measured
+        report["fits"] = report["fits"] and measured["peak_after_step"] <= target.budget_mib * MIB
+    if a.plot:
+        plot(report, a.plot)
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report, measured))
+    return 0 if report["fits"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgetta", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print a JSON report")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_adapt)
+
+    f = sub.add_parser("profile", help="memory of one adaptation step and of inference on a target")
+    f.add_argument("bundle")
+    f.add_argument("--target", default="x86-64",
+                   help="x86-64, rpi4-4gb, rpi4-1gb, jetson-orin-nano, arm-sbc-512mb")
+    f.add_argument("--batch", type=int, default=None, help="adaptation batch (default: the bundle's)")
+    f.add_argument("--budget", type=float, default=None, help="MiB; overrides the target's budget")
+    f.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    f.add_argument("--no-measure", action="store_true",
+                   help="static analysis only (no adaptation step is run on this machine)")
+    f.add_argument("--json", action="store_true")
+    f.add_argument("--plot", default=None, help="write a bar chart PNG of the breakdown")
+    f.set_defaults(func=cmd_profile)
     return p
 
 

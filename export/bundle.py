@@ -196,6 +196,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _profile(bundle_dir: Path, batch: int) -> dict[str, Any]:
+    """Memory of one adaptation step at the default batch: static (per target) and measured
+    on this machine in a fresh torch-free process. ``serve --memory-budget`` reads it."""
+    from edgetta.bundle import Bundle
+    from edgetta.profile import MIB, analyse, inference_facts, measure_step, training_facts
+    from edgetta.targets import TARGETS
+
+    bundle = Bundle.open(bundle_dir, verify=False)
+    train, infer = training_facts(bundle), inference_facts(bundle)
+    reports = {name: analyse(bundle, t, batch, train=train, infer=infer) for name, t in TARGETS.items()}
+    x86 = reports["x86-64"]
+    measured = measure_step(bundle_dir, batch)
+    return {
+        "batch": batch,
+        "adaptation_static_mib": round(x86["adaptation"]["total"] / MIB, 2),
+        "activations_kept_mib": round(x86["adaptation"]["activations_kept"] / MIB, 2),
+        "inference_static_mib": round(x86["inference"]["total"] / MIB, 2),
+        "adaptation_peak_mib": round(measured["peak_after_step"] / MIB, 2),
+        "adaptation_step_growth_mib": round(measured["step_peak"] / MIB, 2),
+        "step_ms": round(measured["step_ms"], 1),
+        "measured_on": sys.platform,
+        "fits": {name: r["adaptation"]["total"] <= r["target"]["budget_mib"] * MIB
+                 for name, r in reports.items()},
+    }
+
+
 def build_model(ckpt: dict[str, Any]) -> EcoTTAModel:
     """The warmed-up EcoTTA model held by a host checkpoint."""
     backbone: Backbone = ckpt_io.build_backbone(ckpt)
@@ -209,7 +235,7 @@ def build_model(ckpt: dict[str, Any]) -> EcoTTAModel:
 def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float = 0.005,
                   momentum: float = 0.9, lam: float = 0.5, e0: float | None = None,
                   batch_size: int = 64, bn_momentum: float = 0.1, sparse_storage: bool = True,
-                  export_batch: int = 2) -> dict[str, Any]:
+                  export_batch: int = 2, profile: bool = True) -> dict[str, Any]:
     """Write a device bundle for a warmed-up checkpoint; returns the manifest."""
     import onnxruntime
     from onnxruntime.training import artifacts
@@ -310,6 +336,9 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
             "versions": _versions(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if profile:
+            manifest["profile"] = _profile(tmp, batch_size)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)

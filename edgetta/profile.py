@@ -1,0 +1,356 @@
+"""Memory profile of a bundle: what one adaptation step and one inference hold in memory.
+
+Static part: every tensor of the exported graphs gets its exact size from one probe run at
+batch 1 and 2 (sizes are linear in the batch), then a liveness pass over the graph's
+topological order says which tensors are alive at each node. Forward tensors read by gradient
+nodes are the activations kept for backward; each is judged by what its gradient node really
+needs. A target profile (``edgetta.targets``) sets element sizes and allocator alignment, so
+targets we cannot run here are still checked.
+
+Measured part: peak RSS of a real adaptation step in a fresh process (``measure_step``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .targets import Target
+
+MIB = 1024 * 1024
+_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    elems1: int          # elements at batch 1
+    elems2: int          # elements at batch 2
+    itemsize: int
+    is_float: bool
+    shape1: tuple = ()
+
+    def elems(self, batch: int) -> int:
+        return self.elems1 + (self.elems2 - self.elems1) * (batch - 1)
+
+    def nbytes(self, batch: int, target: Target) -> int:
+        size = self.elems(batch) * (target.float_bytes if self.is_float else self.itemsize)
+        a = target.alignment
+        return -(-size // a) * a if size else 0
+
+
+@dataclass
+class GraphFacts:
+    nodes: list[Any]
+    tensors: dict[str, TensorInfo]
+    params: dict[str, int] = field(default_factory=dict)   # initializer name -> elements
+
+
+def _onnx():
+    import onnx  # ships with onnxruntime-training (its own dependency)
+    return onnx
+
+
+def _probe(model, feeds_for_batch, batches=(1, 2)) -> dict[str, TensorInfo]:
+    """Run the graph with every intermediate tensor exposed, at two batch sizes."""
+    onnx = _onnx()
+    from ._ort import onnxruntime
+    ort = onnxruntime()
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    seen = {o.name for o in m.graph.output}
+    for node in m.graph.node:
+        for out in node.output:
+            if out and out not in seen:
+                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(out))
+                seen.add(out)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    runs = []
+    for b in batches:
+        outs = sess.run(None, feeds_for_batch(b))
+        runs.append({n: np.asarray(o) for n, o in zip(names, outs)})
+    infos = {}
+    for n in names:
+        a1, a2 = runs[0][n], runs[1][n]
+        infos[n] = TensorInfo(n, int(a1.size), int(a2.size), a1.dtype.itemsize,
+                              np.issubdtype(a1.dtype, np.floating), tuple(a1.shape))
+    feeds = feeds_for_batch(1)
+    for n, v in feeds.items():
+        v2 = feeds_for_batch(2)[n]
+        infos.setdefault(n, TensorInfo(n, int(v.size), int(v2.size), v.dtype.itemsize,
+                                       np.issubdtype(v.dtype, np.floating), tuple(v.shape)))
+    return infos
+
+
+def _init_elems(graph) -> dict[str, int]:
+    out = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
+    out.update({s.values.name: int(np.prod(s.dims)) for s in graph.sparse_initializer})
+    return out
+
+
+def training_facts(bundle: Bundle) -> GraphFacts:
+    onnx = _onnx()
+    from ._ort import training_api
+    model = onnx.load(str(bundle.file("training_model.onnx")))
+    state = training_api().CheckpointState.load_checkpoint(str(bundle.file("checkpoint")))
+    c, h, w = bundle.manifest["input"]["shape"]
+
+    def feeds(batch: int) -> dict[str, np.ndarray]:
+        out = {}
+        for i in model.graph.input:
+            shape = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            if i.name == "input":
+                out[i.name] = np.random.default_rng(0).standard_normal((batch, c, h, w)).astype(np.float32)
+            elif i.name.endswith(".accumulation.buffer"):
+                out[i.name] = np.zeros(shape, np.float32)
+            elif i.type.tensor_type.elem_type == onnx.TensorProto.BOOL:
+                out[i.name] = np.array([True])
+            else:
+                out[i.name] = state.parameters[i.name].data
+        return out
+
+    return GraphFacts(list(model.graph.node), _probe(model, feeds), _init_elems(model.graph))
+
+
+def inference_facts(bundle: Bundle) -> GraphFacts:
+    onnx = _onnx()
+    model = onnx.load(str(bundle.file("inference.onnx")))
+    c, h, w = bundle.manifest["input"]["shape"]
+
+    def feeds(batch: int) -> dict[str, np.ndarray]:
+        return {"input": np.random.default_rng(0).standard_normal((batch, c, h, w)).astype(np.float32)}
+
+    return GraphFacts(list(model.graph.node), _probe(model, feeds), _init_elems(model.graph))
+
+
+def _backward_nodes(nodes: list[Any], seeds: set[str]) -> set[int]:
+    reached, back = set(seeds), set()
+    for i, node in enumerate(nodes):
+        if any(x in reached for x in node.input):
+            back.add(i)
+            reached.update(o for o in node.output if o)
+    return back
+
+
+def _judge(consumers: list[tuple[Any, int]]) -> str:
+    """What a kept forward tensor is really needed for by its gradient nodes."""
+    verdicts = set()
+    for node, idx in consumers:
+        if node.op_type == "ConvGrad" and idx == 1:
+            weight_grad = len(node.output) > 1 and node.output[1] != ""
+            verdicts.add("needed" if weight_grad else "not needed")
+        elif node.op_type == "ReluGrad" and idx == 1:
+            verdicts.add("sign mask")
+        else:
+            verdicts.add("needed")
+    if "needed" in verdicts:
+        return "needed"
+    return "sign mask" if "sign mask" in verdicts else "not needed"
+
+
+def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> tuple[int, list[int]]:
+    nodes = facts.nodes
+    produced_at = {}
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for o in node.output:
+            if o:
+                produced_at.setdefault(o, i)
+        for x in node.input:
+            if x:
+                last_use[x] = i
+    end = len(nodes)
+    delta = np.zeros(end + 2, dtype=np.int64)
+    for name, start in produced_at.items():
+        if name in skip or name not in facts.tensors:
+            continue
+        size = facts.tensors[name].nbytes(batch, target)
+        stop = last_use.get(name, start)
+        delta[start] += size
+        delta[stop + 1] -= size
+    if "input" in facts.tensors:
+        size = facts.tensors["input"].nbytes(batch, target)
+        delta[0] += size
+        delta[last_use.get("input", 0) + 1] -= size
+    live = np.cumsum(delta)[:end]
+    return int(live.max()) if end else 0, live.tolist()
+
+
+def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None = None,
+            train: GraphFacts | None = None, infer: GraphFacts | None = None) -> dict[str, Any]:
+    """Static memory breakdown of one adaptation step and of inference, in bytes."""
+    m = bundle.manifest
+    train = train or training_facts(bundle)
+    infer = infer or inference_facts(bundle)
+    momentum = m["adaptation"]["momentum"] if momentum is None else momentum
+    fb = target.float_bytes
+    trainable = set(m["trainable"])
+    stats = set(m["frozen"]["meta_running_stats"])
+
+    def pbytes(names) -> int:
+        return int(sum(train.tensors[n].nbytes(1, target) if n in train.tensors else 0 for n in names))
+
+    frozen_elems = sum(v for k, v in train.params.items())
+    params_trainable = pbytes(trainable)
+    buffers = pbytes(stats)
+    grads = params_trainable                     # persistent accumulation buffers
+    optimizer = params_trainable if momentum else 0
+
+    nodes = train.nodes
+    back = _backward_nodes(nodes, {"loss_grad"})
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    consumers: dict[str, list] = {}
+    for i in sorted(back):
+        for idx, x in enumerate(nodes[i].input):
+            if x and (producer.get(x, -1) not in back) and (x in producer or x == "input"):
+                consumers.setdefault(x, []).append((nodes[i], idx))
+    kept = []
+    for name, cons in consumers.items():
+        info = train.tensors.get(name)
+        if info is None or info.elems2 == info.elems1:  # batch-independent (shapes, scalars)
+            continue
+        kept.append({"name": name, "shape_at_batch": [batch, *info.shape1[1:]] if info.shape1 else [],
+                     "bytes": info.nbytes(batch, target),
+                     "consumers": sorted({n.op_type for n, _ in cons}), "need": _judge(cons)})
+    kept.sort(key=lambda r: -r["bytes"])
+    kept_bytes = sum(r["bytes"] for r in kept)
+    skip = set(train.params) | trainable | stats
+    peak, _ = _liveness(train, batch, target, skip)
+    infer_peak, _ = _liveness(infer, batch, target, set(infer.params))
+    by_need = {k: sum(r["bytes"] for r in kept if r["need"] == k) for k in ("needed", "sign mask", "not needed")}
+    frozen_bytes = frozen_elems * fb
+    adaptation = {
+        "parameters_frozen": frozen_bytes, "parameters_trainable": params_trainable,
+        "running_stats": buffers, "gradients": grads, "optimizer_state": optimizer,
+        "activations_kept": kept_bytes, "workspace": max(peak - kept_bytes, 0),
+    }
+    adaptation["total"] = int(sum(adaptation.values()))
+    infer_params = sum(infer.params.values()) * fb
+    inference = {"parameters": infer_params, "workspace": infer_peak}
+    inference["total"] = infer_params + infer_peak
+    lean = by_need["needed"] + by_need["sign mask"] // (8 * fb)
+    return {
+        "bundle": str(bundle.path), "target": target.as_dict(), "batch": batch,
+        "adaptation": adaptation, "inference": inference,
+        "activations_by_need": by_need,
+        "activations_if_masks_only": lean,
+        "kept_tensors": kept,
+        "fits": adaptation["total"] <= target.budget_mib * MIB,
+    }
+
+
+_MEASURE = r"""
+import json, sys, time
+sys.modules['torch'] = None
+import numpy as np, psutil
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) * 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from edgetta import Adapter
+bundle, batch, provider, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+a = Adapter.load(bundle, provider=provider, memory_arena=sys.argv[5] == '1')
+frames = np.random.default_rng(0).integers(0, 256, (batch, *a.bundle.input_size, 3), dtype=np.uint8)
+x = a.preprocess(frames)
+rss_loaded = psutil.Process().memory_info().rss
+hwm_loaded = hwm()
+t = time.perf_counter()
+for _ in range(steps):
+    a._adapt(x)
+step_ms = (time.perf_counter() - t) * 1e3 / steps
+hwm_step = hwm()
+t = time.perf_counter()
+a.predict_tensor(x)
+infer_ms = (time.perf_counter() - t) * 1e3
+print(json.dumps(dict(rss_loaded=rss_loaded, peak_loaded=hwm_loaded, peak_after_step=hwm_step,
+                      peak_after_inference=hwm(), step_ms=step_ms, inference_ms=infer_ms)))
+"""
+
+
+def measure_step(bundle_dir: str | os.PathLike, batch: int, provider: str = "cpu",
+                 steps: int = 2, arena: bool = False, timeout: float = 600) -> dict[str, Any]:
+    """Peak RSS of real adaptation steps in a fresh process (torch blocked, as on a device).
+
+    ``step_peak`` is the growth of the peak over the loaded process: activations, workspace and
+    the allocator's own slack. onnxruntime exposes no arena statistics to Python, so RSS is the
+    measured figure."""
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(bundle_dir), str(batch), provider,
+                        str(steps), "1" if arena else "0"],
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"measuring {bundle_dir} failed: {r.stderr.strip().splitlines()[-1:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["step_peak"] = out["peak_after_step"] - out["peak_loaded"]
+    out["batch"] = batch
+    return out
+
+
+def format_table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str:
+    t = report["target"]
+    rows = [f"bundle {report['bundle']}  target {t['name']} ({t['arch']}, {t['ram_mib']} MiB RAM, "
+            f"budget {t['budget_mib']} MiB)  batch {report['batch']}", "",
+            f"{'one adaptation step':32s} {'MiB':>9s}"]
+    for k, v in report["adaptation"].items():
+        rows.append(f"  {k.replace('_', ' '):30s} {v / MIB:9.2f}")
+    rows += ["", f"{'inference alone':32s} {'MiB':>9s}"]
+    for k, v in report["inference"].items():
+        rows.append(f"  {k.replace('_', ' '):30s} {v / MIB:9.2f}")
+    n = report["activations_by_need"]
+    rows += ["", "activations kept for backward, by what their gradient really needs:",
+             f"  needed (trainable layers)      {n['needed'] / MIB:9.2f}",
+             f"  sign mask would do (ReLU)      {n['sign mask'] / MIB:9.2f}",
+             f"  not needed (frozen conv input) {n['not needed'] / MIB:9.2f}",
+             f"  if only masks were kept        {report['activations_if_masks_only'] / MIB:9.2f}"]
+    if measured:
+        rows += ["", f"measured (fresh process, {measured['batch']} frames): loaded RSS "
+                     f"{measured['rss_loaded'] / MIB:.1f} MiB, peak after step "
+                     f"{measured['peak_after_step'] / MIB:.1f} MiB (step adds {measured['step_peak'] / MIB:.1f} MiB), "
+                     f"step {measured['step_ms']:.1f} ms, inference {measured['inference_ms']:.1f} ms"]
+    verdict = "fits" if report["fits"] else "DOES NOT FIT"
+    figure = f"static estimate {report['adaptation']['total'] / MIB:.1f} MiB"
+    if measured:
+        figure += f", measured peak {measured['peak_after_step'] / MIB:.1f} MiB"
+    rows.append(f"\nadaptation step ({figure}) {verdict} the {t['budget_mib']} MiB budget of {t['name']}")
+    return "\n".join(rows)
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Stacked bar chart of the breakdown (needs matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    parts = report["adaptation"]
+    keys = [k for k in parts if k != "total"]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    left = 0.0
+    colours = plt.cm.tab10.colors
+    for i, k in enumerate(keys):
+        v = parts[k] / MIB
+        ax.barh(["adaptation step"], [v], left=left, color=colours[i % 10], label=k.replace("_", " "))
+        left += v
+    left = 0.0
+    for i, k in enumerate(["parameters", "workspace"]):
+        v = report["inference"][k] / MIB
+        ax.barh(["inference"], [v], left=left, color=colours[(i * 6) % 10])
+        left += v
+    budget = report["target"]["budget_mib"]
+    if budget < 4 * parts["total"] / MIB:
+        ax.axvline(budget, color="red", ls="--", label=f"budget {budget} MiB")
+    ax.set_xlabel("MiB")
+    ax.set_title(f"{Path(report['bundle']).name}: batch {report['batch']} on {report['target']['name']}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,86 @@
+"""The memory profiler: static liveness analysis against measured peak RSS, and the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgetta.bundle import Bundle
+from edgetta.profile import MIB, analyse, inference_facts, measure_step, training_facts
+from edgetta.targets import TARGETS, get_target
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def facts(tiny_bundle):
+    b = Bundle.open(tiny_bundle)
+    return b, training_facts(b), inference_facts(b)
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+def test_static_estimate_agrees_with_measured_peak(facts, batch):
+    """Activations + workspace from the graph's liveness vs the growth of the peak RSS of a real
+    adaptation step in a fresh process (allocator arena off, so RSS follows allocations)."""
+    bundle, train, infer = facts
+    report = analyse(bundle, get_target("x86-64"), batch, train=train, infer=infer)
+    static = report["adaptation"]["activations_kept"] + report["adaptation"]["workspace"]
+    measured = measure_step(bundle.path, batch)["step_peak"]
+    assert abs(measured - static) / static < 0.15, (static / MIB, measured / MIB)
+
+
+def test_default_bundle_estimate_agrees_with_measured_peak(default_bundle):
+    bundle = Bundle.open(default_bundle)
+    report = analyse(bundle, get_target("x86-64"), 32)
+    static = report["adaptation"]["activations_kept"] + report["adaptation"]["workspace"]
+    measured = measure_step(bundle.path, 32)["step_peak"]
+    assert abs(measured - static) / static < 0.15, (static / MIB, measured / MIB)
+
+
+def test_kept_tensors_are_judged_by_their_gradient_nodes(facts):
+    bundle, train, infer = facts
+    r = analyse(bundle, get_target("x86-64"), 8, train=train, infer=infer)
+    needs = {t["need"] for t in r["kept_tensors"]}
+    assert {"needed", "sign mask"} <= needs
+    assert sum(r["activations_by_need"].values()) == r["adaptation"]["activations_kept"]
+    relu_only = [t for t in r["kept_tensors"] if t["consumers"] == ["ReluGrad"]]
+    assert relu_only and all(t["need"] == "sign mask" for t in relu_only)
+    bn = [t for t in r["kept_tensors"] if "BatchNormalizationGrad" in t["consumers"]]
+    assert bn and all(t["need"] == "needed" for t in bn)
+    # activations grow linearly with the batch; parameters do not
+    r2 = analyse(bundle, get_target("x86-64"), 16, train=train, infer=infer)
+    assert r2["adaptation"]["activations_kept"] == pytest.approx(2 * r["adaptation"]["activations_kept"], rel=0.02)
+    assert r2["adaptation"]["parameters_trainable"] == r["adaptation"]["parameters_trainable"]
+
+
+def test_targets_change_the_verdict_not_the_graph(facts):
+    bundle, train, infer = facts
+    reports = {n: analyse(bundle, t, 64, train=train, infer=infer) for n, t in TARGETS.items()}
+    assert reports["x86-64"]["fits"] and not reports["arm-sbc-512mb"]["fits"]
+    with pytest.raises(ValueError, match="unknown target"):
+        get_target("pdp-11")
+
+
+def test_export_writes_the_profile_into_the_manifest(tiny_bundle):
+    p = json.loads((tiny_bundle / "manifest.json").read_text())["profile"]
+    assert p["batch"] == 64 and p["adaptation_peak_mib"] > p["adaptation_step_growth_mib"] > 0
+    assert set(p["fits"]) == set(TARGETS)
+
+
+def _profile(*args):
+    return subprocess.run([sys.executable, "-m", "edgetta", "profile", *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+def test_cli_profile_exit_codes_json_and_plot(tiny_bundle, tmp_path):
+    r = _profile(str(tiny_bundle), "--batch", "8", "--budget", "1", "--no-measure")
+    assert r.returncode == 1 and "DOES NOT FIT" in r.stdout
+    png = tmp_path / "p.png"
+    r = _profile(str(tiny_bundle), "--batch", "8", "--budget", "4096", "--json", "--plot", str(png))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["measured"]["peak_after_step"] > 0 and report["fits"]
+    assert png.stat().st_size > 5000
+    r = _profile(str(tiny_bundle), "--target", "vax")
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown target")
