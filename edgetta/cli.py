@@ -128,7 +128,11 @@ def cmd_profile(a: argparse.Namespace) -> int:
         target = type(target)(**{**target.as_dict(), "budget_mib": int(a.budget)})
     batch = a.batch or bundle.manifest["adaptation"]["batch_size"]
     report = analyse(bundle, target, batch)
-    measured = None if a.no_measure else measure_step(bundle.path, batch, provider=a.provider)
+    try:
+        measured = None if a.no_measure else measure_step(bundle.path, batch, provider=a.provider)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if measured:
         report["measured"] = measured
         report["fits"] = report["fits"] and measured["peak_after_step"] <= target.budget_mib * MIB

@@ -290,7 +290,8 @@ def measure_step(bundle_dir: str | os.PathLike, batch: int, provider: str = "cpu
                         str(steps), "1" if arena else "0"],
                        capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        raise RuntimeError(f"measuring {bundle_dir} failed: {r.stderr.strip().splitlines()[-1:]}")
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"measuring an adaptation step of {bundle_dir} failed: {last}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
     out["step_peak"] = out["peak_after_step"] - out["peak_loaded"]
     out["batch"] = batch
@@ -331,22 +332,29 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    parts = report["adaptation"]
-    keys = [k for k in parts if k != "total"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    parts = dict(report["adaptation"])
+    total = parts.pop("total")
+    kept = parts.pop("activations_kept")
+    workspace = parts.pop("workspace")
+    for need, v in report["activations_by_need"].items():
+        parts[f"activations: {need}"] = v
+    parts["workspace"] = workspace
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    colours = list(plt.cm.tab10.colors)
     left = 0.0
-    colours = plt.cm.tab10.colors
-    for i, k in enumerate(keys):
-        v = parts[k] / MIB
-        ax.barh(["adaptation step"], [v], left=left, color=colours[i % 10], label=k.replace("_", " "))
-        left += v
-    left = 0.0
-    for i, k in enumerate(["parameters", "workspace"]):
-        v = report["inference"][k] / MIB
-        ax.barh(["inference"], [v], left=left, color=colours[(i * 6) % 10])
-        left += v
+    for i, (k, v) in enumerate(parts.items()):
+        ax.barh(["adaptation step"], [v / MIB], left=left, color=colours[i % 10], label=k.replace("_", " "))
+        left += v / MIB
+    ax.barh(["inference"], [report["inference"]["parameters"] / MIB], color=colours[0])
+    ax.barh(["inference"], [report["inference"]["workspace"] / MIB],
+            left=report["inference"]["parameters"] / MIB, color=colours[(len(parts) - 1) % 10])
+    measured = report.get("measured")
+    if measured:
+        ax.axvline(measured["step_peak"] / MIB, color="black", ls=":",
+                   label=f"measured step growth {measured['step_peak'] / MIB:.0f} MiB")
+    del kept, total
     budget = report["target"]["budget_mib"]
-    if budget < 4 * parts["total"] / MIB:
+    if budget < 4 * report["adaptation"]["total"] / MIB:
         ax.axvline(budget, color="red", ls="--", label=f"budget {budget} MiB")
     ax.set_xlabel("MiB")
     ax.set_title(f"{Path(report['bundle']).name}: batch {report['batch']} on {report['target']['name']}")
