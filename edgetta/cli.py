@@ -38,7 +38,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     t = time.time()
     manifest = host_bundle.export_bundle(
         ckpt_io.load(ckpt_path), a.out, lr=a.lr, momentum=a.momentum, lam=a.lam, e0=a.e0,
-        batch_size=a.batch, sparse_storage=not a.dense_storage)
+        batch_size=a.batch, sparse_storage=not a.dense_storage, lean=not a.no_lean)
     bb = manifest["backbone"]
     print(f"exported {ckpt_path.name} -> {a.out} in {time.time() - t:.1f}s: "
           f"{manifest['model']['architecture']}, K={manifest['ecotta']['k']} meta networks, "
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=64, help="default adaptation batch size")
     e.add_argument("--dense-storage", action="store_true",
                    help="store backbone weights densely instead of as sparse initializers")
+    e.add_argument("--no-lean", action="store_true",
+                   help="keep onnxruntime-training's training graph as generated (frozen layers "
+                        "keep float activations) instead of the mask-based rewrite")
     e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("adapt", help="adapt a bundle on a labelled stream and report accuracy")
