@@ -1,0 +1,64 @@
+"""Memory and time of one adaptation step: onnxruntime-training's generated graph against
+edgetta's lean rewrite, same model, same batches, measured side by side in one run.
+
+    python benchmarks/step_memory.py --batches 1 16 64 --out benchmarks/results/step_memory.json
+
+Each measurement is a fresh torch-free process (``edgetta.profile.measure_step``, two steps);
+the static figures come from the graph's liveness (``edgetta.profile.analyse``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from edgetta.bundle import Bundle
+from edgetta.profile import MIB, analyse, measure_step
+from edgetta.targets import get_target
+from export import checkpoint
+from export.bundle import DEFAULT_CHECKPOINT, export_bundle
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per point (median kept)")
+    p.add_argument("--out", default="benchmarks/results/step_memory.json")
+    a = p.parse_args(argv)
+    ckpt = checkpoint.load(a.checkpoint)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bundles = {}
+        for lean in (False, True):
+            out = Path(tmp) / ("lean" if lean else "generated")
+            export_bundle(ckpt, out, lean=lean, profile=False)
+            bundles["lean" if lean else "generated"] = out
+        for batch in a.batches:
+            for graph, path in bundles.items():
+                static = analyse(Bundle.open(path), get_target("x86-64"), batch)
+                runs = sorted((measure_step(path, batch) for _ in range(a.repeats)),
+                              key=lambda m: m["step_peak"])
+                m = runs[len(runs) // 2]
+                row = {"graph": graph, "batch": batch,
+                       "static_activations_mib": round(static["adaptation"]["activations_kept"] / MIB, 1),
+                       "static_step_mib": round((static["adaptation"]["activations_kept"]
+                                                 + static["adaptation"]["workspace"]) / MIB, 1),
+                       "measured_step_growth_mib": round(m["step_peak"] / MIB, 1),
+                       "measured_peak_rss_mib": round(m["peak_after_step"] / MIB, 1),
+                       "step_ms": round(sorted(r["step_ms"] for r in runs)[len(runs) // 2], 1)}
+                rows.append(row)
+                print(json.dumps(row))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"checkpoint": a.checkpoint, "rows": rows}, indent=2))
+    print(f"{'batch':>5s} {'graph':>10s} {'static MiB':>11s} {'measured MiB':>13s} {'peak RSS':>9s} {'step ms':>8s}")
+    for r in rows:
+        print(f"{r['batch']:5d} {r['graph']:>10s} {r['static_step_mib']:11.1f} {r['measured_step_growth_mib']:13.1f} "
+              f"{r['measured_peak_rss_mib']:9.1f} {r['step_ms']:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
