@@ -16,7 +16,7 @@ class BundleError(Exception):
     """A bundle that cannot be used: missing, incomplete, tampered with, or too new."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -58,7 +58,7 @@ class Bundle:
                 if fpath.stat().st_size != meta["bytes"]:
                     raise BundleError(f"{root}: {name} has {fpath.stat().st_size} bytes, the manifest "
                                       f"says {meta['bytes']}: the bundle was modified or truncated")
-                if _sha256(fpath) != meta["sha256"]:
+                if sha256_file(fpath) != meta["sha256"]:
                     raise BundleError(f"{root}: sha256 of {name} does not match the manifest: "
                                       "the bundle was modified or corrupted; export it again")
         return cls(root, manifest)

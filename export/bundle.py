@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import json
 import logging
@@ -35,6 +34,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_io
+from edgetta.bundle import sha256_file
+
 from .ecotta import EcoTTAModel, ecotta_loss
 from .lean import make_lean
 from .models import Backbone
@@ -179,14 +180,6 @@ def _native_stderr_to(path: Path):
         os.close(saved)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in ("torch", "onnx", "onnxruntime-training-cpu", "onnxruntime-training", "edgetta"):
@@ -302,7 +295,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
         mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
         files = {}
         for path in sorted(p for p in tmp.iterdir() if p.is_file()):
-            files[path.name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "format": "edgetta-bundle",
