@@ -37,19 +37,29 @@ def _return_freed_memory_to_the_os(threshold: int = 1 << 16) -> None:
 
 
 class Adapter:
+    """Predict-and-adapt on one bundle. ``engine`` picks what runs the adaptation step:
+    ``"ort-training"`` (onnxruntime-training's Module on the bundle's training graph) or
+    ``"onnx"`` (the bundle's portable step graph on plain onnxruntime, for devices that have no
+    onnxruntime-training build, such as Linux aarch64)."""
+
+    ENGINES = ("ort-training", "onnx")
+
     def __init__(self, bundle: Bundle, provider: str = "cpu", lr: float | None = None,
-                 momentum: float | None = None, memory_arena: bool = False):
+                 momentum: float | None = None, memory_arena: bool = False,
+                 engine: str = "ort-training"):
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+        if engine not in self.ENGINES:
+            raise ValueError(f"engine must be one of {self.ENGINES}, got {engine!r}")
         ort = onnxruntime()
         if PROVIDERS[provider] not in ort.get_available_providers():
             raise RuntimeError(f"the installed onnxruntime has no {PROVIDERS[provider]}; "
                                f"available: {ort.get_available_providers()}")
-        api = training_api()
-        CheckpointState, Module = api.CheckpointState, api.Module
-
-        self.bundle = bundle
         m = bundle.manifest
+        if engine == "onnx" and not m["graphs"].get("portable_step"):
+            raise BundleError(f"{bundle.path} has no portable step graph; export it again")
+        self.bundle = bundle
+        self.engine = engine
         hyper = m["adaptation"]
         self.lr = float(hyper["lr"] if lr is None else lr)
         self.momentum = float(hyper["momentum"] if momentum is None else momentum)
@@ -57,36 +67,51 @@ class Adapter:
         self.input_spec = m["input"]
         self._trainable: list[str] = list(m["trainable"])
         self._stat_of: dict[str, str] = dict(m["running_stats"])
+        self._ort_optimizer = None
+        _return_freed_memory_to_the_os()
+        opts = ort.SessionOptions()
+        # priority-based order runs each gradient node as soon as it can, freeing forward
+        # tensors earlier than the default order (measured lower peak, same speed)
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        # onnxruntime's CPU arena grows in powers of two: measured, it doubles the peak RSS
+        # of an adaptation step for no speed gain, so it is off unless asked for
+        opts.enable_cpu_mem_arena = memory_arena
+        providers = [PROVIDERS[provider]]
         try:
-            self._state = CheckpointState.load_checkpoint(str(bundle.file("checkpoint")))
-            _return_freed_memory_to_the_os()
-            opts = ort.SessionOptions()
-            # priority-based order runs each gradient node as soon as it can, freeing forward
-            # tensors earlier than the default order (measured lower peak, same speed)
-            opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-            # onnxruntime's CPU arena grows in powers of two: measured, it doubles the peak RSS
-            # of an adaptation step for no speed gain, so it is off unless asked for
-            opts.enable_cpu_mem_arena = memory_arena
-            self._module = Module(str(bundle.file("training_model.onnx")), self._state,
-                                  device=provider, session_options=opts)
             self._session = ort.InferenceSession(str(bundle.file("inference.onnx")), opts,
-                                                 providers=[PROVIDERS[provider]])
+                                                 providers=providers)
+            if engine == "onnx":
+                step = m["graphs"]["portable_step"]["file"]
+                self._step_session = ort.InferenceSession(str(bundle.file(step)), opts,
+                                                          providers=providers)
+                with np.load(bundle.file("meta_init.npz"), allow_pickle=False) as init:
+                    self._tensors = {n: init[n] for n in self._trainable + list(self._stat_of.values())}
+            else:
+                self._load_ort_training(opts, provider)
+        except BundleError:
+            raise
         except Exception as e:  # onnxruntime raises its own types; say which bundle failed
             raise BundleError(f"{bundle.path}: onnxruntime could not load the bundle: {e}") from e
-        self._outputs = list(self._module.output_names())
-        self._ort_optimizer = None
-        if self.momentum == 0.0 and "optimizer" in m["graphs"]["training"]:
-            # plain SGD: the bundle's own onnxruntime-training optimizer graph does the update
-            self._ort_optimizer = api.Optimizer(str(bundle.file(m["graphs"]["training"]["optimizer"])),
-                                            self._module)
-            self._ort_optimizer.set_learning_rate(self.lr)
-        self._tensors = {n: self._state.parameters[n].data.copy()
-                         for n in self._trainable + list(self._stat_of.values())}
         self._initial = {n: v.copy() for n, v in self._tensors.items()}
         self._velocity = {n: np.zeros_like(self._tensors[n]) for n in self._trainable}
         self.steps = 0
         self.last_loss: float | None = None
         self.timings = {"adapt_ms": [], "predict_ms": []}
+
+    def _load_ort_training(self, opts: Any, provider: str) -> None:
+        api = training_api()
+        m = self.bundle.manifest
+        self._state = api.CheckpointState.load_checkpoint(str(self.bundle.file("checkpoint")))
+        self._module = api.Module(str(self.bundle.file("training_model.onnx")), self._state,
+                                  device=provider, session_options=opts)
+        self._outputs = list(self._module.output_names())
+        if self.momentum == 0.0 and "optimizer" in m["graphs"]["training"]:
+            # plain SGD: the bundle's own onnxruntime-training optimizer graph does the update
+            self._ort_optimizer = api.Optimizer(str(self.bundle.file(m["graphs"]["training"]["optimizer"])),
+                                                self._module)
+            self._ort_optimizer.set_learning_rate(self.lr)
+        self._tensors = {n: self._state.parameters[n].data.copy()
+                         for n in self._trainable + list(self._stat_of.values())}
 
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike, provider: str = "cpu", **kwargs: Any) -> "Adapter":
@@ -116,37 +141,60 @@ class Adapter:
 
     def _adapt(self, x: np.ndarray) -> np.ndarray:
         t = time.perf_counter()
-        self._module.train()
-        self._module.lazy_reset_grad()
-        outs = dict(zip(self._outputs, self._module(x)))
+        outs = self._step_portable(x) if self.engine == "onnx" else self._step_ort_training(x)
+        m = self.bn_momentum
+        for out_name, stat in self._stat_of.items():
+            self._tensors[stat] = (1 - m) * self._tensors[stat] + m * outs[out_name]
+        self.steps += 1
+        self.last_loss = float(outs["loss"])
+        self.timings["adapt_ms"].append((time.perf_counter() - t) * 1e3)
+        return outs["logits"]
+
+    @staticmethod
+    def _check_loss(outs: dict[str, np.ndarray]) -> None:
         loss = float(outs["loss"])
         if not np.isfinite(loss):
             raise FloatingPointError(f"adaptation loss is {loss}; state left unchanged")
+
+    def _step_ort_training(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self._module.train()
+        self._module.lazy_reset_grad()
+        outs = dict(zip(self._outputs, self._module(x)))
+        self._check_loss(outs)
         params = self._state.parameters
         if self._ort_optimizer is not None:
             self._ort_optimizer.step()
             for name in self._trainable:
                 self._tensors[name] = params[name].data.copy()
-        for name in ([] if self._ort_optimizer is not None else self._trainable):
-            grad = params[name].grad
+            return outs
+        for name in self._trainable:
             v = self._velocity[name]
             v *= self.momentum
-            v += grad
+            v += params[name].grad
             self._tensors[name] = self._tensors[name] - self.lr * v
             params[name].data = self._tensors[name]
-        m = self.bn_momentum
-        for out_name, stat in self._stat_of.items():
-            self._tensors[stat] = (1 - m) * self._tensors[stat] + m * outs[out_name]
-        self.steps += 1
-        self.last_loss = loss
-        self.timings["adapt_ms"].append((time.perf_counter() - t) * 1e3)
-        return outs["logits"]
+        return outs
+
+    def _step_portable(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"input": x, "lr": np.array(self.lr, np.float32),
+                 "momentum": np.array(self.momentum, np.float32)}
+        feeds.update({n: self._tensors[n] for n in self._trainable})
+        feeds.update({f"{n}.velocity": v for n, v in self._velocity.items()})
+        names = [o.name for o in self._step_session.get_outputs()]
+        outs = dict(zip(names, self._step_session.run(None, feeds)))
+        self._check_loss(outs)
+        for name in self._trainable:
+            self._tensors[name] = outs[f"{name}.new"]
+            self._velocity[name] = outs[f"{name}.velocity.new"]
+        return outs
 
     def meta_state(self) -> dict[str, np.ndarray]:
         """Current meta-network parameters and running statistics (copies)."""
         return {n: v.copy() for n, v in self._tensors.items()}
 
     def _write_params(self) -> None:
+        if self.engine != "ort-training":
+            return
         params = self._state.parameters
         for name in self._trainable:
             params[name].data = self._tensors[name]

@@ -38,6 +38,7 @@ from edgetta.bundle import sha256_file
 
 from .ecotta import EcoTTAModel, ecotta_loss
 from .lean import make_lean
+from .portable import make_portable
 from .models import Backbone
 from .pruning import sparsity_report, total_density
 
@@ -229,7 +230,8 @@ def build_model(ckpt: dict[str, Any]) -> EcoTTAModel:
 def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float = 0.005,
                   momentum: float = 0.9, lam: float = 0.5, e0: float | None = None,
                   batch_size: int = 64, bn_momentum: float = 0.1, sparse_storage: bool = True,
-                  export_batch: int = 2, profile: bool = True, lean: bool = True) -> dict[str, Any]:
+                  export_batch: int = 2, profile: bool = True, lean: bool = True,
+                  portable: bool = True) -> dict[str, Any]:
     """Write a device bundle for a warmed-up checkpoint; returns the manifest."""
     import onnxruntime
     from onnxruntime.training import artifacts
@@ -254,7 +256,14 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
     out = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent if out.parent.exists() else None))
     try:
+        # momentum 0: tracing must not move the running statistics it writes into the graph,
+        # and onnxruntime-training's BatchNorm then leaves the frozen checkpoint copies as they are
+        momenta = {n: bn.momentum for n, bn in meta_batchnorms(model).items()}
+        for bn in meta_batchnorms(model).values():
+            bn.momentum = 0.0
         train_proto = _export(TrainingGraph(model, lam, e0), x, ["loss", "logits", *stat_outputs])
+        for n, bn in meta_batchnorms(model).items():
+            bn.momentum = momenta[n]
         _keep_inputs(train_proto, set())
         names = {i.name for i in train_proto.graph.initializer}
         missing = [n for n in meta_params + meta_stats if n not in names]
@@ -274,6 +283,10 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
             training_model = onnx.load(tmp / "training_model.onnx")
             rewrites = make_lean(training_model, train_proto)
             onnx.save(training_model, tmp / "training_model.onnx")
+        if portable:
+            step = make_portable(onnx.load(tmp / "training_model.onnx"), train_proto, meta_params)
+            onnx.checker.check_model(step, full_check=True)
+            onnx.save(step, tmp / "portable_step.onnx")
 
         model.eval()
         model.backbone.eval()
@@ -285,13 +298,16 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
         sparse_count = 0
         if sparse_storage:
             sparse_count = _sparsify(infer_proto, backbone_names)
-            training_model = onnx.load(tmp / "training_model.onnx")
-            _sparsify(training_model, backbone_names)
-            onnx.save(training_model, tmp / "training_model.onnx")
+            for name in ("training_model.onnx", "portable_step.onnx"):
+                if (tmp / name).exists():
+                    graph = onnx.load(tmp / name)
+                    _sparsify(graph, backbone_names)
+                    onnx.save(graph, tmp / name)
         onnx.save(infer_proto, tmp / "inference.onnx")
 
         initial = {i.name: numpy_helper.to_array(i) for i in infer_proto.graph.initializer
                    if i.name in set(meta_params + meta_stats)}
+        np.savez(tmp / "meta_init.npz", **initial)  # warmed-up meta state, readable without onnx
         mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
         files = {}
         for path in sorted(p for p in tmp.iterdir() if p.is_file()):
@@ -316,6 +332,14 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
             "graphs": {
                 "inference": {"file": "inference.onnx", "inputs": ["input", *meta_params, *meta_stats],
                               "outputs": ["logits"]},
+                "portable_step": ({"file": "portable_step.onnx",
+                                   "inputs": ["input", *meta_params,
+                                              *[f"{p}.velocity" for p in meta_params], "lr", "momentum"],
+                                   "outputs": ["loss", "logits", *stat_outputs,
+                                               *[f"{p}.new" for p in meta_params],
+                                               *[f"{p}.velocity.new" for p in meta_params]],
+                                   "note": "standard ONNX ops only: runs on plain onnxruntime"}
+                                  if portable else None),
                 "training": {"file": "training_model.onnx", "checkpoint": "checkpoint",
                              "optimizer": "optimizer_model.onnx",
                              "outputs": ["loss", "logits", *stat_outputs]},

@@ -43,7 +43,8 @@ def test_device_package_never_imports_torch_or_host_code():
 
 def test_adaptation_runs_without_torch(tiny_bundle, corrupted_frames):
     """20 onnxruntime-training steps on real corrupted images in a torch-free process: the loss
-    falls, every meta parameter changes, the frozen backbone does not."""
+    falls, every meta parameter changes, the frozen backbone and the checkpoint's running
+    statistics do not."""
     images, _ = corrupted_frames
     np.save(tiny_bundle.parent / "frames.npy", images[:32])
     code = f"""
@@ -55,18 +56,21 @@ a = Adapter.load({str(tiny_bundle)!r})
 frames = np.load({str(tiny_bundle.parent / 'frames.npy')!r})
 x = a.preprocess(frames)
 before = a.meta_state()
+state = a._state.parameters
+frozen = {{n: state[n].data.copy() for n in a.bundle.manifest['frozen']['meta_running_stats']}}
 losses = []
 for _ in range(20):
     a.step(frames)
     losses.append(a.last_loss)
 after = a.meta_state()
 changed = [n for n in a.bundle.manifest['trainable'] if not np.array_equal(before[n], after[n])]
+frozen_same = all(np.array_equal(frozen[n], state[n].data) for n in frozen)
 # backbone inside the training session: with the initial meta values restored, a forward pass
 # gives the very first loss again, bit for bit
 a.reset()
 a._module.train(); a._module.lazy_reset_grad()
 replay = float(a._module(x)[0])
-print(json.dumps(dict(losses=losses, changed=len(changed), total=len(a.bundle.manifest['trainable']),
+print(json.dumps(dict(losses=losses, changed=len(changed), total=len(a.bundle.manifest['trainable']), frozen_same=frozen_same,
                       replay=replay, torch=str(sys.modules.get('torch')))))
 """
     r = run_without_torch(code)
@@ -75,8 +79,7 @@ print(json.dumps(dict(losses=losses, changed=len(changed), total=len(a.bundle.ma
     assert out["torch"] == "None"
     assert out["losses"][-1] < out["losses"][0]
     assert out["changed"] == out["total"]
-    # (the checkpoint's running statistics are not trained: onnxruntime's BatchNorm kernel moves
-    # them in place as BatchNorm does, and the adapter keeps its own from the graph's batch stats)
+    assert out["frozen_same"]
     assert out["replay"] == out["losses"][0]
     # and the bundle's files are untouched
     Bundle.open(tiny_bundle)
@@ -195,3 +198,29 @@ def test_plain_sgd_runs_on_the_bundles_optimizer_graph(tiny_bundle):
         np.testing.assert_allclose(sa[n], sb[n], rtol=1e-5, atol=1e-7)
         moved += not np.array_equal(sa[n], Adapter.load(tiny_bundle).meta_state()[n])
     assert moved > 0
+
+
+def test_portable_engine_matches_ort_training(tiny_bundle, corrupted_frames):
+    """The portable step (standard ONNX ops on plain onnxruntime) and onnxruntime-training give
+    the same losses, logits and adapted state on the same frames."""
+    images, _ = corrupted_frames
+    a = Adapter.load(tiny_bundle)
+    b = Adapter.load(tiny_bundle, engine="onnx")
+    for i in range(4):
+        frames = images[i * 16:(i + 1) * 16]
+        la, lb = a.step(frames), b.step(frames)
+        assert a.last_loss == pytest.approx(b.last_loss, rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
+    sa, sb = a.meta_state(), b.meta_state()
+    for n in sa:
+        assert np.abs(sa[n] - sb[n]).max() <= 1e-4 * (np.abs(sa[n]).max() + 1e-6), n
+    np.testing.assert_allclose(a.step(images[:8], adapt=False), b.step(images[:8], adapt=False),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_portable_step_uses_standard_onnx_ops_only(tiny_bundle):
+    import onnx
+    model = onnx.load(str(tiny_bundle / "portable_step.onnx"))
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    onnx.checker.check_model(model)  # (export runs the full check before sparse storage)
