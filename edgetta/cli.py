@@ -68,7 +68,7 @@ def cmd_adapt(a: argparse.Namespace) -> int:
     from .streams import load_stream
 
     try:
-        adapter = Adapter.load(a.bundle, provider=a.provider, lr=a.lr)
+        adapter = Adapter.load(a.bundle, provider=a.provider, lr=a.lr, engine=a.engine)
     except (BundleError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -83,7 +83,7 @@ def cmd_adapt(a: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     report = {
         "bundle": str(a.bundle), "stream": stream.description, "frames": int(len(images)),
-        "batch": a.batch, "lr": adapter.lr, "momentum": adapter.momentum,
+        "batch": a.batch, "lr": adapter.lr, "momentum": adapter.momentum, "engine": adapter.engine,
         "accuracy_no_adaptation": _accuracy(source, labels),
         "accuracy_adapted": _accuracy(adapted, labels),
         "ms_per_batch_inference": 1e3 * (t1 - t0) / max(1, -(-len(images) // a.batch)),
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=None, help="use the first N frames")
     d.add_argument("--lr", type=float, default=None, help="override the bundle's learning rate")
     d.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    d.add_argument("--engine", default="ort-training", choices=["ort-training", "onnx"],
+                   help="onnxruntime-training, or the portable step on plain onnxruntime")
     d.add_argument("--json", action="store_true", help="print a JSON report")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_adapt)
