@@ -12,6 +12,7 @@ running statistics that this loop keeps from the adaptation batches.
 from __future__ import annotations
 
 import ctypes
+from collections import deque
 import os
 import time
 from pathlib import Path
@@ -96,7 +97,8 @@ class Adapter:
         self._velocity = {n: np.zeros_like(self._tensors[n]) for n in self._trainable}
         self.steps = 0
         self.last_loss: float | None = None
-        self.timings = {"adapt_ms": [], "predict_ms": []}
+        # recent latencies only: a service runs for hours
+        self.timings = {"adapt_ms": deque(maxlen=1000), "predict_ms": deque(maxlen=1000)}
 
     def _load_ort_training(self, opts: Any, provider: str) -> None:
         api = training_api()

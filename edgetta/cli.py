@@ -3,6 +3,7 @@
     edgetta export [--checkpoint CKPT] --out BUNDLE     host: PyTorch checkpoint -> device bundle
     edgetta adapt BUNDLE [--stream demo|FILE]           device: accuracy with and without adaptation
     edgetta profile BUNDLE [--target T] [--batch N]     device: memory of adaptation vs a budget
+    edgetta serve BUNDLE --source 0|video|dir|rtsp://|http://   device: predict and adapt a live stream
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from . import serve
 
 EXPORT_HINT = ("edgetta export needs the host toolchain (PyTorch and ONNX), which the device "
                "install leaves out. Install it with:  pip install 'edgetta[export]'")
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print a JSON report")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_adapt)
+    serve.add_parser(sub)
 
     f = sub.add_parser("profile", help="memory of one adaptation step and of inference on a target")
     f.add_argument("bundle")

@@ -249,22 +249,35 @@ def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None =
     }
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far: VmHWM on Linux (psutil has no peak),
+    else ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 _MEASURE = r"""
 import json, sys, time
 sys.modules['torch'] = None
-import numpy as np, psutil
-def hwm():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) * 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+import psutil
+proc = psutil.Process()
+from edgetta.profile import peak_rss_bytes as hwm
+rss_before_load, peak_before_load = proc.memory_info().rss, hwm()
+import numpy as np
 from edgetta import Adapter
 bundle, batch, provider, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 a = Adapter.load(bundle, provider=provider, memory_arena=sys.argv[5] == '1')
 frames = np.random.default_rng(0).integers(0, 256, (batch, *a.bundle.input_size, 3), dtype=np.uint8)
 x = a.preprocess(frames)
-rss_loaded = psutil.Process().memory_info().rss
+rss_loaded = proc.memory_info().rss
 hwm_loaded = hwm()
 t = time.perf_counter()
 for _ in range(steps):
@@ -274,7 +287,8 @@ hwm_step = hwm()
 t = time.perf_counter()
 a.predict_tensor(x)
 infer_ms = (time.perf_counter() - t) * 1e3
-print(json.dumps(dict(rss_loaded=rss_loaded, peak_loaded=hwm_loaded, peak_after_step=hwm_step,
+print(json.dumps(dict(rss_before_load=rss_before_load, peak_before_load=peak_before_load,
+                      rss_loaded=rss_loaded, peak_loaded=hwm_loaded, peak_after_step=hwm_step,
                       peak_after_inference=hwm(), step_ms=step_ms, inference_ms=infer_ms)))
 """
 
@@ -286,9 +300,12 @@ def measure_step(bundle_dir: str | os.PathLike, batch: int, provider: str = "cpu
     ``step_peak`` is the growth of the peak over the loaded process: activations, workspace and
     the allocator's own slack. onnxruntime exposes no arena statistics to Python, so RSS is the
     measured figure."""
+    env = dict(os.environ)  # the child imports this edgetta, installed or not
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     r = subprocess.run([sys.executable, "-c", _MEASURE, str(bundle_dir), str(batch), provider,
                         str(steps), "1" if arena else "0"],
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"measuring an adaptation step of {bundle_dir} failed: {last}")
