@@ -117,3 +117,15 @@ def export_cached_bundle(ckpt: dict[str, Any], name: str, **kwargs: Any) -> Path
 
 def load_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text()) if Path(path).exists() else {}
+
+
+def merge_json(path: Path, sections: dict[str, Any]) -> dict[str, Any]:
+    """Replace only ``sections`` of the JSON report at ``path`` (other runs may be writing other
+    sections of it), atomically; returns the whole report."""
+    path = Path(path)
+    data = load_json(path)
+    data.update(sections)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return data

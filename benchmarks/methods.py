@@ -63,13 +63,16 @@ class Method:
         return []
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes of parameters and buffers held, and of optimizer state."""
-        seen, weights = set(), 0
+        """Bytes of parameters and buffers held, of gradients (one per trainable parameter) and
+        of optimizer state."""
+        seen, weights, grads = set(), 0, 0
         for mod in self.modules():
             for t in list(mod.parameters()) + list(mod.buffers()):
                 if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     weights += t.numel() * t.element_size()
+                    if t.requires_grad:
+                        grads += t.numel() * t.element_size()
         for t in getattr(self, "_extra_tensors", []):
             weights += t.numel() * t.element_size()
         opt = getattr(self, "optimizer", None)
@@ -78,7 +81,7 @@ class Method:
             for st in opt.state.values():
                 opt_bytes += sum(v.numel() * v.element_size() for v in st.values()
                                  if torch.is_tensor(v) and v.dim() > 0)
-        return {"weights": weights, "optimizer": opt_bytes}
+        return {"weights": weights, "gradients": grads, "optimizer": opt_bytes}
 
 
 class Source(Method):

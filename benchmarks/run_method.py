@@ -10,8 +10,12 @@ peak while adapting (the kernel's high-water mark is reset after loading by writ
 the bytes autograd saved for backward in one step are counted too (parameters excluded).
 
 ``edgetta`` runs in a process where ``import torch`` fails, as on a device. Every method gets
-the same allocator setting (glibc's mmap threshold pinned at 64 KiB, what ``edgetta.Adapter``
-sets, so freed activations go back to the OS in every process) and the same thread count.
+the same thread count (torch's intra-op threads, onnxruntime's intra-op threads).
+
+Allocator (``--malloc``): ``edgetta.Adapter`` pins glibc's mmap threshold at 64 KiB so that
+freed activations go back to the OS; PyTorch leaves glibc's dynamic threshold alone. ``auto``
+runs each as it ships (torch methods: glibc default; edgetta: pinned); ``pinned`` and
+``default`` force one setting on every method, to compare like with like.
 
 This module imports neither torch nor edgetta before it knows which method it runs.
 """
@@ -100,18 +104,21 @@ class TorchRunner:
         self.method = create(a.method, ckpt, lr=a.lr, hyper=hyper, seed=a.seed, **kwargs)
         self.mean, self.std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
         self.to_tensor = to_tensor
+        self.contiguous = a.contiguous_input
         self.input_size = ckpt.get("input_size", 32)
         self.num_classes = len(ckpt["class_names"])
         del ckpt
 
     def step(self, frames: np.ndarray, count_saved: bool = False) -> tuple[np.ndarray, int | None]:
-        x = self.to_tensor(frames, self.mean, self.std)
+        x = self.to_tensor(frames, self.mean, self.std)  # NHWC frames permuted: channels-last strides
+        if self.contiguous:
+            x = x.contiguous()
         if not count_saved:
             return self.method.step(x).numpy(), None
         torch = self.torch
         own = {t.untyped_storage().data_ptr() for mod in self.method.modules()
                for t in list(mod.parameters()) + list(mod.buffers())}
-        saved: dict[int, int] = {}
+        saved: dict = {}
 
         def pack(t):
             s = t.untyped_storage()
@@ -132,6 +139,9 @@ class TorchRunner:
 
 class EdgettaRunner:
     def __init__(self, a: argparse.Namespace):
+        import edgetta.adapter
+        if a.malloc == "default":  # measure edgetta without its allocator setting
+            edgetta.adapter._return_freed_memory_to_the_os = lambda *args, **kwargs: None
         from edgetta._ort import onnxruntime
         ort = onnxruntime()
         make_options = ort.SessionOptions
@@ -144,12 +154,13 @@ class EdgettaRunner:
         ort.SessionOptions = options
         from edgetta import Adapter
         self.adapter = Adapter.load(a.bundle, lr=a.lr)
+        self.adapt = not a.no_adapt
         self.input_size = self.adapter.bundle.input_size[0]
         self.num_classes = len(self.adapter.class_names)
         self.ort_version = ort.__version__
 
     def step(self, frames: np.ndarray, count_saved: bool = False) -> tuple[np.ndarray, None]:
-        return self.adapter.step(frames), None
+        return self.adapter.step(frames, adapt=self.adapt), None
 
     def facts(self) -> dict:
         return {"onnxruntime": self.ort_version, "torch_loaded": sys.modules.get("torch") is not None}
@@ -169,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="override the method's learning rate")
     p.add_argument("--cotta-augmentations", type=int, default=None)
+    p.add_argument("--no-adapt", action="store_true", help="edgetta: inference only (adapt=False)")
+    p.add_argument("--contiguous-input", action="store_true",
+                   help="torch methods: NCHW-contiguous input instead of export.train.to_tensor's channels-last "
+                        "strides (PyTorch 2.13's CPU backward segfaults for EcoTTA on ResNet-50 at 224x224 with "
+                        "channels-last input)")
+    p.add_argument("--malloc", default="auto", choices=["auto", "pinned", "default"],
+                   help="glibc mmap threshold: as each method ships (auto), pinned at 64 KiB, or glibc's default")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.method == "edgetta":
@@ -176,13 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.modules["torchvision"] = None
         if not a.bundle:
             p.error("--method edgetta needs --bundle")
+    if a.no_adapt and a.method != "edgetta":
+        p.error("--no-adapt is for edgetta (the torch methods have source / source_meta)")
     if not a.stream and not a.random_steps:
         p.error("give --stream or --random-steps")
     if a.checkpoint is None and a.model is None and a.method != "edgetta":
         from export.bundle import DEFAULT_CHECKPOINT
         a.checkpoint = str(DEFAULT_CHECKPOINT)
-    pin_mmap_threshold()
-    peak_start = peak_rss()
+    if a.malloc == "pinned":
+        pin_mmap_threshold()
 
     if a.stream:
         with np.load(a.stream, allow_pickle=False) as d:
@@ -207,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(n_batches):
         frames = images[i * a.batch:(i + 1) * a.batch]
         t = time.perf_counter()
-        logits, counted = runner.step(frames, count_saved=(i == 0 and a.method != "edgetta"))
+        logits, counted = runner.step(frames, count_saved=(i == 0 and a.method != "edgetta" ))
         times.append(time.perf_counter() - t)
         saved = counted if counted is not None else saved
         preds.append(np.asarray(logits).argmax(1))
@@ -217,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     pred = np.concatenate(preds)
     ms = np.array(times) * 1e3
     out = {
-        "method": a.method, "batch": a.batch, "frames": int(len(images)), "batches": n_batches,
+        "method": a.method + ("_no_adapt" if a.no_adapt else ""), "batch": a.batch, "frames": int(len(images)), "batches": n_batches,
         "threads": a.threads, "seed": a.seed, "model": a.model or None,
+        "malloc": ("pinned" if a.method == "edgetta" else "default") if a.malloc == "auto" else a.malloc,
         "ms_per_batch": float(np.median(ms[1:] if len(ms) > 1 else ms)),
         "ms_per_batch_mean": float(ms.mean()), "ms_first_batch": float(ms[0]),
         "load_s": round(load_s, 2),

@@ -1,0 +1,281 @@
+"""The side-by-side comparison: source, BN-adapt, TENT, CoTTA, EcoTTA in PyTorch and edgetta
+(EcoTTA on onnxruntime-training), same backbone, same corrupted stream, same batch size, each
+method in a fresh process, in one run.
+
+    python -m benchmarks.compare                      # everything below except sparsity (~35 min on 2 cores)
+    python -m benchmarks.compare --suites sparsity    # the pruning side (benchmarks/sparsity.py)
+    python -m benchmarks.compare --smoke              # a tiny run of every suite (a minute or two)
+
+Suites (``--suites``):
+- ``main``: continual stream, 15 corruption types at severity 5 in the standard order, no reset,
+  ``--frames-per-type`` Fashion-MNIST test images each, batch ``--batch``: error per type and
+  mean, time per batch, peak RSS.
+- ``small_batch``: the same protocol at batches ``--small-batches`` on a shorter stream
+  (``--small-frames-per-type``).
+- ``gradual``: severity 1-2-3-4-5-4-3-2-1 within each type (``--gradual-per-segment`` images per
+  segment), continual.
+- ``memory``: a few adaptation steps on random frames per method and model
+  (``--memory-models``: ``default`` is the trained WRN-16-2; zoo names are untrained, ResNet-50
+  at 224x224), peak RSS and activation share, under each allocator setting in
+  ``--memory-malloc`` (default model) / ``--memory-zoo-malloc`` (zoo models). A run of some
+  models replaces only those models in the report.
+- ``sparsity``: ``benchmarks/sparsity.py`` (trains models: see there).
+
+Results: ``benchmarks/results/compare.json`` (a suite run replaces only its own section), then
+``compare.md``, the PNG plots and ``README_section.md``, all generated from the JSON
+(``python -m benchmarks.report`` regenerates them without running anything).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, ROOT, continual_stream, export_cached_bundle, gradual_stream, load_json, merge_json
+
+METHODS = ("source", "source_meta", "bn_adapt", "tent", "cotta", "ecotta_torch", "edgetta")
+SUITES = ("main", "small_batch", "gradual", "memory", "sparsity")
+DEFAULT_SUITES = ("main", "small_batch", "gradual", "memory")
+MEMORY_MODELS = ("default", "wrn28_10", "wrn40_2", "resnet50")
+
+
+def _progress(total: int, enabled: bool = True):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, disable=not enabled)
+
+
+def run_job(args: list[str], threads: int, timeout: float) -> dict[str, Any]:
+    """``benchmarks.run_method`` in a fresh interpreter; its JSON line, or the failure."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    cmd = [sys.executable, "-m", "benchmarks.run_method", *args, "--threads", str(threads)]
+    t = time.time()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"timed out after {timeout:.0f}s", "args": args}
+    if r.returncode != 0:
+        tail = "\n".join(r.stderr.strip().splitlines()[-6:])
+        return {"failed": f"exit {r.returncode}: {tail}", "args": args}
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["process_s"] = round(time.time() - t, 1)
+    out["args"] = args
+    return out
+
+
+def _memory_bundle(model: str, default_bundle: Path) -> Path:
+    from benchmarks.common import untrained_checkpoint
+    if model == "default":
+        return default_bundle
+    return export_cached_bundle(untrained_checkpoint(model), f"{model}_untrained")
+
+
+def plan(a: argparse.Namespace, ckpt_path: str, bundle: Path) -> list[tuple[tuple, list[str]]]:
+    """(where the result goes, run_method arguments) for every run, in order."""
+    jobs = []
+    base = ["--checkpoint", ckpt_path, "--bundle", str(bundle)]
+    if "main" in a.suites:
+        stream = continual_stream(a.frames_per_type, 5, a.seed)
+        for m in a.methods:
+            jobs.append((("main", m), ["--method", m, "--stream", str(stream), "--batch", str(a.batch), *base]))
+    if "small_batch" in a.suites:
+        stream = continual_stream(a.small_frames_per_type, 5, a.seed)
+        for b in a.small_batches:
+            for m in a.methods:
+                jobs.append((("small_batch", str(b), m),
+                             ["--method", m, "--stream", str(stream), "--batch", str(b), *base]))
+    if "gradual" in a.suites:
+        stream = gradual_stream(a.gradual_per_segment, a.seed)
+        for m in a.methods:
+            jobs.append((("gradual", m), ["--method", m, "--stream", str(stream), "--batch", str(a.batch), *base]))
+    if "memory" in a.suites:
+        for model in a.memory_models:
+            mcfg = memory_config(a, model)
+            mbundle = _memory_bundle(model, bundle)
+            src = base if model == "default" else ["--model", model, "--bundle", str(mbundle)]
+            for malloc in mcfg["malloc"]:
+                for m in a.methods:
+                    extra = []
+                    if m == "cotta" and mcfg["cotta_augmentations"] != 32:
+                        extra = ["--cotta-augmentations", str(mcfg["cotta_augmentations"])]
+                    jobs.append((("memory", model, malloc, m),
+                                 ["--method", m, "--random-steps", str(mcfg["steps"]), "--batch", str(mcfg["batch"]),
+                                  "--malloc", malloc, *src, *extra]))
+                zoo_aug = a.memory_cotta_augmentations or 32
+                if model == "default" and "cotta" in a.methods and zoo_aug != 32:
+                    # evidence that CoTTA's peak does not depend on its number of augmentations
+                    jobs.append((("memory", model, malloc, f"cotta_aug{zoo_aug}"),
+                                 ["--method", "cotta", "--random-steps", str(mcfg["steps"]),
+                                  "--batch", str(mcfg["batch"]), "--malloc", malloc, *src,
+                                  "--cotta-augmentations", str(zoo_aug)]))
+    return jobs
+
+
+def memory_config(a: argparse.Namespace, model: str) -> dict[str, Any]:
+    """Batch, steps, allocator settings and CoTTA augmentations of one model's memory runs."""
+    overrides = dict(o.split("=") for o in a.memory_batch_override)
+    zoo = model != "default"
+    return {"batch": int(overrides.get(model, a.memory_batch)), "steps": a.memory_steps,
+            "malloc": a.memory_zoo_malloc if zoo else a.memory_malloc,
+            "cotta_augmentations": (a.memory_cotta_augmentations or 32) if zoo else 32}
+
+
+def _store(section: dict, key: tuple, value: dict) -> None:
+    node = section.setdefault("results", {})
+    for k in key[1:-1]:
+        node = node.setdefault(k, {})
+    node[key[-1]] = value
+
+
+def _edgetta_static(bundle: Path, batch: int) -> dict[str, float]:
+    """edgetta's own static breakdown of one step (what the paper's analytic MB counts)."""
+    from edgetta.bundle import Bundle
+    from edgetta.profile import MIB, analyse
+    from edgetta.targets import get_target
+    full = analyse(Bundle.open(bundle, verify=False), get_target("x86-64"), batch)
+    r = full["adaptation"]
+    by_consumer: dict[str, float] = {}
+    for t in full["kept_tensors"]:  # what the kept tensors are kept for (gradient op reading them)
+        op = "+".join(t["consumers"])
+        by_consumer[op] = by_consumer.get(op, 0.0) + t["bytes"] / MIB
+    return {"activations_kept_mib": r["activations_kept"] / MIB,
+            "analytic_mib": (r["total"] - r["workspace"]) / MIB,
+            "kept_by_consumer_mib": dict(sorted(by_consumer.items(), key=lambda kv: -kv[1]))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suites", nargs="+", default=list(DEFAULT_SUITES), choices=SUITES)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--checkpoint", default=None, help="host checkpoint (default: the built-in model)")
+    p.add_argument("--frames-per-type", type=int, default=200)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--small-batches", type=int, nargs="+", default=[16, 4, 1])
+    p.add_argument("--small-frames-per-type", type=int, default=40)
+    p.add_argument("--gradual-per-segment", type=int, default=20)
+    p.add_argument("--memory-models", nargs="+", default=list(MEMORY_MODELS))
+    p.add_argument("--memory-batch", type=int, default=64)
+    p.add_argument("--memory-batch-override", nargs="*", default=[], metavar="MODEL=BATCH",
+                   help="another batch for some memory models, e.g. resnet50=16")
+    p.add_argument("--memory-steps", type=int, default=2)
+    p.add_argument("--memory-malloc", nargs="+", default=["default", "pinned"], choices=["default", "pinned", "auto"],
+                   help="allocator settings for the default model's memory runs")
+    p.add_argument("--memory-zoo-malloc", nargs="+", default=["pinned"], choices=["default", "pinned", "auto"],
+                   help="allocator settings for the zoo models' memory runs")
+    p.add_argument("--memory-cotta-augmentations", type=int, default=2,
+                   help="CoTTA augmentations in the zoo models' memory runs (default 2, not 32: the "
+                        "augmented teacher passes run without autograd, one at a time, so peak memory "
+                        "does not depend on their number; time does, and the report estimates the "
+                        "32-augmentation step time from the measured forward time)")
+    p.add_argument("--threads", type=int, default=1, help="threads of every method (torch and onnxruntime)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--smoke", action="store_true", help="tiny run of every selected suite (tests)")
+    p.add_argument("--no-report", action="store_true", help="write the JSON only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.frames_per_type, a.batch, a.small_batches, a.small_frames_per_type = 2, 8, [4], 1
+        a.gradual_per_segment, a.memory_batch, a.memory_steps = 1, 8, 1
+        a.memory_models, a.memory_malloc, a.memory_zoo_malloc = ["default"], ["pinned"], ["pinned"]
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "compare.json"
+    data: dict[str, Any] = {}
+    command = "python -m benchmarks.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
+
+    if "sparsity" in a.suites:
+        from benchmarks import sparsity
+        data["sparsity"] = sparsity.run(smoke=a.smoke, threads=a.threads, seed=a.seed,
+                                        per_type=a.frames_per_type if not a.smoke else 2,
+                                        quiet=a.quiet)
+        data["sparsity"]["command"] = command
+    jobs_suites = [s for s in a.suites if s != "sparsity"]
+    if jobs_suites:
+        from export import checkpoint
+        from export.bundle import DEFAULT_CHECKPOINT
+        ckpt_path = str(Path(a.checkpoint or DEFAULT_CHECKPOINT).resolve())
+        bundle = export_cached_bundle(checkpoint.load(ckpt_path), "default" if a.checkpoint is None
+                                      else Path(ckpt_path).stem)
+        jobs = plan(a, ckpt_path, bundle)
+        config = {"command": command, "methods": a.methods, "threads": a.threads, "seed": a.seed,
+                  "checkpoint": os.path.relpath(ckpt_path, ROOT), "smoke": a.smoke,
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                              "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}}
+        suite_cfg = {
+            "main": {"frames_per_type": a.frames_per_type, "severity": 5, "batch": a.batch},
+            "small_batch": {"frames_per_type": a.small_frames_per_type, "severity": 5, "batches": a.small_batches},
+            "gradual": {"per_segment": a.gradual_per_segment, "severities": [1, 2, 3, 4, 5, 4, 3, 2, 1],
+                        "batch": a.batch},
+            "memory": {},
+        }
+        for s in jobs_suites:
+            data[s] = {"config": {**config, **suite_cfg[s]}, "results": {}}
+        if "memory" in jobs_suites:  # a memory run replaces only the (model, method) pairs it measures
+            old = load_json(json_path).get("memory", {})
+            results = old.get("results", {})
+            for model in a.memory_models:
+                for ml in list(results.get(model, {})):
+                    results[model][ml] = {m: v for m, v in results[model][ml].items()
+                                          if m not in a.methods and not m.startswith("cotta_aug")}
+            data["memory"]["results"] = results
+            data["memory"]["models"] = old.get("models", {})
+            for model in a.memory_models:
+                prev = data["memory"]["models"].get(model, {})
+                full = set(a.methods) >= set(METHODS)
+                data["memory"]["models"][model] = {
+                    **memory_config(a, model), "command": command if full else prev.get("command", command),
+                    "started": config["started"], "machine": config["machine"],
+                    "partial_commands": ([] if full else list(dict.fromkeys(prev.get("partial_commands", []) + [command])))}
+        bar = _progress(len(jobs), not a.quiet)
+        for key, args in jobs:
+            bar.set_description(" ".join(key))
+            result = run_job(args, a.threads, a.timeout)
+            if "failed" in result and key[0] == "memory":
+                # a crash (seen: PyTorch 2.13's CPU backward segfaults for EcoTTA on ResNet-50 with
+                # channels-last input, which export.train.to_tensor gives): run it again with a
+                # contiguous input, say so
+                retry = run_job(args + ["--contiguous-input"], a.threads, a.timeout)
+                if "failed" not in retry:
+                    retry["fallback"] = {"contiguous_input": True, "failed": result["failed"]}
+                    result = retry
+            if key[-1] == "edgetta" and "failed" not in result and key[0] in ("main", "memory"):
+                try:
+                    b = Path(args[args.index("--bundle") + 1])
+                    result.update(_edgetta_static(b, int(args[args.index("--batch") + 1])))
+                except Exception as e:  # the static figure is extra; never lose the run for it
+                    result["static_error"] = str(e)
+            _store(data[key[0]], key, result)
+            if "failed" in result:
+                bar.write(f"{' '.join(key)}: FAILED {result['failed']}")
+            bar.update(1)
+            merge_json(json_path, {s: data[s] for s in jobs_suites})
+        bar.close()
+        for s in jobs_suites:
+            data[s]["config"]["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            data[s]["config"]["machine"]["load_avg_at_end"] = os.getloadavg()
+    data = merge_json(json_path, {s: data[s] for s in a.suites})
+    print(f"wrote {json_path}")
+    if not a.no_report:
+        from benchmarks import report
+        for path in report.write_all(data, out_dir):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The comparison benchmark: the reference methods do what their papers say, and a tiny run of
+``python -m benchmarks.compare`` writes every report with a number for every method."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import methods  # noqa: E402
+
+
+def _x(seed=0, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g) * 1.5 + 0.3  # shifted: not the source statistics
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def test_bn_adapt_uses_batch_statistics_and_trains_nothing(tiny_ckpt):
+    source = methods.create("source", tiny_ckpt)
+    bn = methods.create("bn_adapt", tiny_ckpt)
+    state = copy.deepcopy(bn.model.state_dict())
+    x = _x()
+    out = bn.step(x)
+    assert not torch.allclose(out, source.step(x), atol=1e-4)  # batch statistics, not the source's
+    after = bn.model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert torch.allclose(bn.step(x), out)  # nothing was learnt
+
+
+def test_tent_updates_only_batchnorm_affine(tiny_ckpt):
+    tent = methods.create("tent", tiny_ckpt)
+    before = _params(tent.model)
+    for seed in range(2):
+        tent.step(_x(seed))
+    changed = _changed(before, tent.model)
+    bn_affine = {f"{m}.{p}" for m, mod in tent.model.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
+                 for p in ("weight", "bias")}
+    assert changed and changed <= bn_affine
+    assert len(changed) > 0.9 * len(bn_affine)
+    assert isinstance(tent.optimizer, torch.optim.Adam) and tent.optimizer.defaults["lr"] == 1e-3
+
+
+def test_cotta_teacher_is_an_ema_of_the_student(tiny_ckpt):
+    cotta = methods.create("cotta", tiny_ckpt, augmentations=2, restore=0.0, gate=1.01)
+    teacher_before = _params(cotta.teacher)
+    cotta.step(_x())
+    assert cotta.augmented_steps == 1  # gate above any confidence: the augmented pseudo-label ran
+    for (n, t), s in zip(cotta.teacher.named_parameters(), cotta.student.parameters()):
+        expected = 0.999 * teacher_before[n] + 0.001 * s.detach()
+        assert torch.allclose(t, expected, atol=1e-6), n
+    assert _changed(teacher_before, cotta.teacher)
+    # all weights train, the anchor does not
+    assert all(p.requires_grad for p in cotta.student.parameters())
+    anchor = dict(cotta.anchor.named_parameters())
+    assert all(torch.equal(anchor[n], teacher_before[n]) for n in anchor)
+
+
+def test_cotta_stochastic_restore(tiny_ckpt):
+    full = methods.create("cotta", tiny_ckpt, augmentations=1, restore=1.0)
+    full.step(_x())
+    assert all(torch.equal(p, s) for p, s in zip(full.student.parameters(), full.source))
+    partial = methods.create("cotta", tiny_ckpt, augmentations=1, restore=0.01)
+    partial.step(_x())
+    w = max(zip(partial.student.parameters(), partial.source), key=lambda ps: ps[0].numel())
+    restored = (w[0] == w[1]).float().mean().item()
+    assert 0.002 < restored < 0.05  # about 1% of the elements are back at their source value
+
+
+def test_cotta_augmentation_keeps_pixels_in_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    a, b = methods.cotta_augment(x, g), methods.cotta_augment(x, g)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert not torch.allclose(a, b)  # a fresh draw each call
+
+
+def test_ecotta_torch_updates_only_meta_parameters(tiny_ckpt):
+    eco = methods.create("ecotta_torch", tiny_ckpt)
+    backbone = copy.deepcopy(eco.model.backbone.state_dict())
+    before = _params(eco.model)
+    for seed in range(3):
+        eco.step(_x(seed))
+    changed = _changed(before, eco.model)
+    meta = {n for n, _ in eco.model.named_parameters() if n.startswith("metas.")}
+    assert changed and changed <= meta
+    after = eco.model.backbone.state_dict()
+    assert all(torch.equal(backbone[k], after[k]) for k in backbone)
+    assert isinstance(eco.optimizer, torch.optim.SGD) and eco.optimizer.defaults["momentum"] == 0.9
+
+
+def test_compare_smoke(tmp_path):
+    """The one command, tiny: every method has numbers, every file is written, edgetta ran
+    without torch."""
+    out = tmp_path / "results"
+    env = dict(os.environ, EDGETTA_BENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--smoke", "--quiet",
+                        "--suites", "main", "small_batch", "memory", "--methods", "tent", "cotta", "edgetta",
+                        "--out-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "compare.json").read_text())
+    sections = [data["main"]["results"], data["small_batch"]["results"]["4"],
+                data["memory"]["results"]["default"]["pinned"]]
+    for res in sections:
+        assert {"tent", "cotta", "edgetta"} <= set(res) <= {"tent", "cotta", "edgetta", "cotta_aug2"}
+        for m, row in res.items():
+            assert "failed" not in row, (m, row)
+            assert row["peak_rss_mib"] > row["rss_loaded_mib"] > 0
+            assert row["ms_per_batch"] > 0
+    for m, row in data["main"]["results"].items():
+        assert 0.0 <= row["error"] <= 1.0 and len(row["error_per_domain"]) == 15
+    assert data["main"]["results"]["edgetta"]["torch_loaded"] is False
+    assert data["main"]["results"]["tent"]["saved_for_backward_mib"] > 0
+    for name in ("compare.md", "README_section.md", "memory_bars.png", "error_per_corruption.png",
+                 "memory_vs_batch.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "compare.md").read_text()
+    assert "CoTTA" in md and "edgetta" in md
