@@ -129,7 +129,9 @@ class Adapter:
 
     def step(self, frames: Any, adapt: bool = True, color_order: str = "RGB") -> np.ndarray:
         """Logits for ``frames`` (uint8 HWC frame or NHWC batch); with ``adapt`` the meta
-        networks then take one SGD step on this batch (the logits come from before it)."""
+        networks then take one SGD step on this batch (the logits come from before it).
+        Adapt on batches: the meta BatchNorms use the batch's statistics, which a single frame
+        cannot supply (``StreamingAdapter`` predicts frames one by one and adapts on batches)."""
         x = self.preprocess(frames, color_order)
         return self._adapt(x) if adapt else self.predict_tensor(x)
 
