@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetta import Adapter
+from edgetta.cli import run_stream
 from export import datasets
 from export.corruptions import CORRUPTIONS, corrupt
 
@@ -30,10 +31,7 @@ def validation_stream(per_type: int, severity: int, seed: int) -> tuple[np.ndarr
 
 
 def accuracy(adapter: Adapter, images: np.ndarray, labels: np.ndarray, batch: int, adapt: bool) -> float:
-    correct = 0
-    for i in range(0, len(images), batch):
-        correct += int((adapter.step(images[i:i + batch], adapt=adapt).argmax(1) == labels[i:i + batch]).sum())
-    return correct / len(images)
+    return float((run_stream(adapter, images, batch, adapt, progress=False) == labels).mean())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,23 @@ class Source(Method):
         return [self.model]
 
 
+class GradientMethod(Method):
+    """One optimizer step per batch on ``self.loss``; logits from before the step (tent-style)."""
+
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        loss, logits = self.loss(x)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return logits.detach()
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
+
+
 class BNAdapt(Source):
     name = "bn_adapt"
 
@@ -108,7 +125,7 @@ class BNAdapt(Source):
         use_batch_statistics(self.model)
 
 
-class Tent(Method):
+class Tent(GradientMethod):
     name = "tent"
 
     def __init__(self, model: nn.Module, lr: float = 1e-3):
@@ -122,16 +139,9 @@ class Tent(Method):
                     params.append(p)
         self.optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
-        loss = entropy(logits).mean()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return logits.detach()
-
-    def modules(self) -> list[nn.Module]:
-        return [self.model]
+        return entropy(logits).mean(), logits
 
 
 def cotta_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -222,7 +232,7 @@ class CoTTA(Method):
         return [self.student, self.teacher, self.anchor]
 
 
-class EcoTTATorch(Method):
+class EcoTTATorch(GradientMethod):
     name = "ecotta_torch"
 
     def __init__(self, ckpt: dict[str, Any], lr: float = 0.005, momentum: float = 0.9,
@@ -231,15 +241,9 @@ class EcoTTATorch(Method):
         self.lam, self.e0 = lam, e0
         self.optimizer = torch.optim.SGD(self.model.meta_parameters(), lr=lr, momentum=momentum)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, logits, _, _ = ecotta_loss(self.model, x, self.lam, self.e0)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return logits.detach()
-
-    def modules(self) -> list[nn.Module]:
-        return [self.model]
+        return loss, logits
 
 
 class SourceMeta(Source):

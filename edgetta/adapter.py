@@ -85,6 +85,7 @@ class Adapter:
                 step = m["graphs"]["portable_step"]["file"]
                 self._step_session = ort.InferenceSession(str(bundle.file(step)), opts,
                                                           providers=providers)
+                self._step_outputs = [o.name for o in self._step_session.get_outputs()]
                 with np.load(bundle.file("meta_init.npz"), allow_pickle=False) as init:
                     self._tensors = {n: init[n] for n in self._trainable + list(self._stat_of.values())}
             else:
@@ -184,8 +185,7 @@ class Adapter:
                  "momentum": np.array(self.momentum, np.float32)}
         feeds.update({n: self._tensors[n] for n in self._trainable})
         feeds.update({f"{n}.velocity": v for n, v in self._velocity.items()})
-        names = [o.name for o in self._step_session.get_outputs()]
-        outs = dict(zip(names, self._step_session.run(None, feeds)))
+        outs = dict(zip(self._step_outputs, self._step_session.run(None, feeds)))
         self._check_loss(outs)
         for name in self._trainable:
             self._tensors[name] = outs[f"{name}.new"]

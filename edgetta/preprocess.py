@@ -2,6 +2,7 @@
 normalization). Bad frames raise ``FrameError`` with what is wrong."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -11,15 +12,24 @@ class FrameError(ValueError):
     """A frame that cannot be fed to the model (wrong shape, dtype, empty, NaN)."""
 
 
-def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+@functools.lru_cache(maxsize=1)
+def _cv2() -> Any:
     try:
         import cv2
+        return cv2
+    except ImportError:
+        return None
+
+
+def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    cv2 = _cv2()
+    if cv2 is not None:
         return cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    except ImportError:  # nearest neighbour: good enough without OpenCV on a device
-        h, w = frame.shape[:2]
-        rows = (np.arange(size[0]) * h // size[0]).clip(0, h - 1)
-        cols = (np.arange(size[1]) * w // size[1]).clip(0, w - 1)
-        return frame[rows][:, cols]
+    # nearest neighbour: good enough without OpenCV on a device
+    h, w = frame.shape[:2]
+    rows = (np.arange(size[0]) * h // size[0]).clip(0, h - 1)
+    cols = (np.arange(size[1]) * w // size[1]).clip(0, w - 1)
+    return frame[rows][:, cols]
 
 
 def as_batch(frames: Any) -> np.ndarray:

@@ -36,7 +36,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from edgetta.bundle import sha256_file
 
-from .ecotta import EcoTTAModel, ecotta_loss
+from .ecotta import EcoTTAModel, loss_from_features
 from .lean import make_lean
 from .portable import make_portable
 from .models import Backbone
@@ -90,8 +90,8 @@ class TrainingGraph(nn.Module):
         self.model, self.lam, self.e0 = model, lam, e0
 
     def forward(self, x: torch.Tensor):
-        loss, logits, _, _ = ecotta_loss(self.model, x, self.lam, self.e0)
-        _, trace = self.model.features(x)
+        feats, trace = self.model.features(x)
+        loss, logits, _, _ = loss_from_features(self.model, feats, trace, self.lam, self.e0)
         stats = []
         for meta, (x_prev, h, _) in zip(self.model.metas, trace):
             for t in (h, meta.conv(x_prev)):

@@ -136,6 +136,13 @@ def ecotta_loss(model: EcoTTAModel, x: torch.Tensor, lam: float = 0.5, e0: float
     so its gradient reaches meta network k only.
     """
     feats, trace = model.features(x)
+    return loss_from_features(model, feats, trace, lam, e0)
+
+
+def loss_from_features(model: EcoTTAModel, feats: torch.Tensor, trace: list, lam: float = 0.5,
+                       e0: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ecotta_loss`` on the output of ``model.features`` (for callers that need the trace too)."""
     logits = model.backbone.head(feats)
     ent = entropy(logits)
     e0 = 0.4 * math.log(logits.shape[1]) if e0 is None else e0
