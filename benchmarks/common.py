@@ -2,6 +2,7 @@
 for memory runs, and the default bundle. Importing this module does not import torch."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -105,7 +106,9 @@ def export_cached_bundle(ckpt: dict[str, Any], name: str, **kwargs: Any) -> Path
     from export.bundle import export_bundle
 
     out = CACHE / "bundles" / name
-    key = json.dumps({"model": ckpt["model"], "pruning": ckpt.get("pruning"),
+    exporter = hashlib.sha256(b"".join((ROOT / "export" / f).read_bytes()
+                                       for f in ("bundle.py", "lean.py", "portable.py", "ecotta.py"))).hexdigest()
+    key = json.dumps({"model": ckpt["model"], "pruning": ckpt.get("pruning"), "exporter": exporter,
                       "warmup": str(ckpt.get("warmup")), "opts": kwargs}, sort_keys=True, default=str)
     stamp = out / ".benchmark-key"
     if out.exists() and stamp.exists() and stamp.read_text() == key:

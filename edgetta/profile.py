@@ -11,6 +11,7 @@ Measured part: peak RSS of a real adaptation step in a fresh process (``measure_
 """
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import subprocess
@@ -134,11 +135,21 @@ def inference_facts(bundle: Bundle) -> GraphFacts:
 
 
 def _backward_nodes(nodes: list[Any], seeds: set[str]) -> set[int]:
+    """Nodes that read a gradient, and nodes whose outputs only such nodes read (a mask
+    unpacked for a ReLU gradient, the sign an L1 gradient multiplies by)."""
     reached, back = set(seeds), set()
     for i, node in enumerate(nodes):
         if any(x in reached for x in node.input):
             back.add(i)
             reached.update(o for o in node.output if o)
+    readers: dict[str, set[int]] = {}
+    for i, node in enumerate(nodes):
+        for x in node.input:
+            readers.setdefault(x, set()).add(i)
+    for i in range(len(nodes) - 1, -1, -1):
+        outs = [o for o in nodes[i].output if o]
+        if i not in back and outs and all(readers.get(o) and readers[o] <= back for o in outs):
+            back.add(i)
     return back
 
 
@@ -158,8 +169,40 @@ def _judge(consumers: list[tuple[Any, int]]) -> str:
     return "sign mask" if "sign mask" in verdicts else "not needed"
 
 
+def execution_order(nodes: list[Any]) -> list[Any]:
+    """The order onnxruntime's priority-based execution runs ``nodes`` in: Kahn's topological
+    sort that takes Shape and Size first, then the lowest node index among the ready nodes.
+    A gradient that depends only on constants (the regularizer's: d loss / d loss is 1) is
+    ready during the forward pass and runs there."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        deps = {producer[x] for x in node.input if x in producer and producer[x] != i}
+        waiting[i] = len(deps)
+        for d in deps:
+            readers.setdefault(d, []).append(i)
+
+    def key(i: int) -> tuple[int, int]:
+        return (0 if nodes[i].op_type in ("Shape", "Size") else 1, i)
+
+    ready = [key(i) for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for r in readers.get(i, []):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, key(r))
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    return order
+
+
 def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> tuple[int, list[int]]:
-    nodes = facts.nodes
+    nodes = execution_order(facts.nodes)
     produced_at = {}
     last_use: dict[str, int] = {}
     for i, node in enumerate(nodes):
@@ -211,6 +254,8 @@ def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None =
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     consumers: dict[str, list] = {}
     for i in sorted(back):
+        if nodes[i].op_type in ("Shape", "Size"):  # metadata only: the data is not kept
+            continue
         for idx, x in enumerate(nodes[i].input):
             if x and (producer.get(x, -1) not in back) and (x in producer or x == "input"):
                 consumers.setdefault(x, []).append((nodes[i], idx))

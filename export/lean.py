@@ -8,10 +8,19 @@ gradient is wanted). This pass rewrites, in the generated training graph:
   strides, pads, dilations and group, and the output padding that restores X's size: the input
   gradient of a frozen convolution needs only its weights;
 - ``ReluGrad(dY, Y)`` -> ``Where(mask, dY, 0)`` with ``mask = Greater(Y, 0)`` computed right
-  after the forward ReLU: a boolean (1 byte) instead of a float (4 bytes) is kept.
+  after the forward ReLU, packed 8 signs to a byte (``MatMulInteger`` by 1, 2, .., 128) and
+  unpacked with two ``BitShift``s right before its use: 1 bit kept instead of a 4-byte float.
 
 Once neither reads it, the forward activation is freed during the forward pass. All ops are
 standard ONNX. Residual additions, pooling, the classifier and the meta networks are unchanged.
+
+A pass runs first, on the EcoTTA structure of the graph:
+
+- ``merge_stop_gradient_twins``: each regularizer term recomputes its meta network on
+  stop-gradient copies of the inputs, so that its gradient reaches that meta network only.
+  The recomputation has the same values as the main branch, so its backward nodes are pointed
+  at the main branch's tensors and the twin forward nodes are dropped: the gradients stay
+  exactly those of the stop-gradient loss, and the twin's activations are no longer kept.
 """
 from __future__ import annotations
 
@@ -34,10 +43,170 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto) -> dict[str, int]:
+def _small_constants(graph: onnx.GraphProto) -> dict[str, tuple]:
+    """A value key for every small initializer, so that equal constants compare equal."""
+    keys = {}
+    for init in graph.initializer:
+        if np.prod(init.dims, dtype=np.int64) <= 64:
+            arr = numpy_helper.to_array(init)
+            keys[init.name] = ("const", arr.dtype.str, arr.shape, arr.tobytes())
+    return keys
+
+
+def _scalar(consts: dict[str, tuple], name: str) -> float | None:
+    key = consts.get(name)
+    if key is None or key[2] != ():
+        return None
+    return float(np.frombuffer(key[3], dtype=np.dtype(key[1]))[0])
+
+
+def _backward(nodes: list[onnx.NodeProto], seed: str = "loss_grad") -> set[int]:
+    reached, back = {seed}, set()
+    for i, node in enumerate(nodes):
+        if any(x in reached for x in node.input):
+            back.add(i)
+            reached.update(o for o in node.output if o)
+    return back
+
+
+def _is_float_cast(node: onnx.NodeProto | None, to: int) -> bool:
+    return node is not None and node.op_type == "Cast" and _attrs(node).get("to") == to
+
+
+def merge_stop_gradient_twins(training: onnx.ModelProto) -> int:
+    """Point every forward node that recomputes an earlier node's value (the same op on the same
+    inputs, a stop-gradient copy counting as its source) at that earlier node's outputs, and
+    drop it. Gradient edges are already explicit, so only which forward tensors the backward
+    reads changes, not which gradients it computes. Returns the number of forward nodes dropped."""
+    g = training.graph
+    nodes = list(g.node)
+    consts = _small_constants(g)
+    producer = {o: n for n in nodes for o in n.output if o}
+    back = _backward(nodes)
+    outputs = {o.name for o in g.output}
+    canon: dict[str, str] = {}
+    seen: dict[tuple, onnx.NodeProto] = {}
+    dropped: set[int] = set()
+
+    def key_of(name: str):
+        name = canon.get(name, name)
+        return consts.get(name, name)
+
+    def stop_gradient_source(node: onnx.NodeProto) -> str | None:
+        # x * 2**40 -> int64 -> float -> * 2**-40  (export.ecotta.stop_gradient)
+        if node.op_type != "Mul" or len(node.input) != 2:
+            return None
+        a, c = node.input
+        if _scalar(consts, c) != 2.0 ** -40:
+            return None
+        to_float = producer.get(a)
+        to_int = producer.get(to_float.input[0]) if _is_float_cast(to_float, TensorProto.FLOAT) else None
+        scale = producer.get(to_int.input[0]) if _is_float_cast(to_int, TensorProto.INT64) else None
+        if scale is None or scale.op_type != "Mul" or _scalar(consts, scale.input[1]) != 2.0 ** 40:
+            return None
+        return scale.input[0]
+
+    for i, node in enumerate(nodes):
+        if i in back:
+            continue
+        source = stop_gradient_source(node)
+        if source is not None:
+            canon[node.output[0]] = canon.get(source, source)
+            continue
+        attrs = tuple(sorted((a.name, a.SerializeToString()) for a in node.attribute))
+        key = (node.domain, node.op_type, attrs, tuple(key_of(x) for x in node.input))
+        rep = seen.get(key)
+        if rep is None:
+            seen[key] = node
+            continue
+        mine = [(j, o) for j, o in enumerate(node.output) if o]
+        if any(o in outputs for _, o in mine) or any(j >= len(rep.output) or not rep.output[j] for j, _ in mine):
+            continue
+        for j, o in mine:
+            canon[o] = rep.output[j]
+        dropped.add(i)
+
+    kept = []
+    for i, node in enumerate(nodes):
+        if i in dropped:
+            continue
+        for j, x in enumerate(node.input):
+            if x in canon:
+                node.input[j] = canon[x]
+        kept.append(node)
+    # drop what nothing reads any more (the stop-gradient chains of merged twins)
+    while True:
+        used = {x for n in kept for x in n.input} | outputs
+        live = [n for n in kept if any(o in used for o in n.output if o) or n.op_type.startswith("InPlace")]
+        if len(live) == len(kept):
+            break
+        kept = live
+    removed = len(nodes) - len(kept)
+    del g.node[:]
+    g.node.extend(kept)
+    return removed
+
+
+def _per_sample_elems(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[1:]):
+            out[vi.name] = int(np.prod([d.dim_value for d in dims[1:]]))
+    return out
+
+
+class _Constants:
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph, self.names = graph, {}
+
+    def __call__(self, value, dtype) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self.names:
+            self.names[key] = f"edgetta.lean.const{len(self.names)}"
+            self.graph.initializer.append(numpy_helper.from_array(arr, self.names[key]))
+        return self.names[key]
+
+
+def _pack_mask(y: str, zero: str, const: _Constants) -> list[onnx.NodeProto]:
+    """``y > 0`` packed 8 signs to a byte: rows of 8 booleans times (1, 2, .., 128)."""
+    n = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out + "_node", **kw)
+    return [
+        n("Greater", [y, zero], y + ".mask"),
+        n("Cast", [y + ".mask"], y + ".mask_u8", to=TensorProto.UINT8),
+        n("Reshape", [y + ".mask_u8", const([-1, 8], np.int64)], y + ".mask_rows"),
+        n("MatMulInteger", [y + ".mask_rows", const(1 << np.arange(8).reshape(8, 1), np.uint8)],
+          y + ".mask_i32"),
+        n("Cast", [y + ".mask_i32"], y + ".mask_bits", to=TensorProto.UINT8),
+    ]
+
+
+def _unpack_mask(bits: str, like: str, out: str, const: _Constants) -> list[onnx.NodeProto]:
+    """Bit k of each byte as a boolean, shaped like ``like`` (the gradient the mask is applied
+    to, so that the unpacking runs in the backward pass, right before its use)."""
+    n = lambda op, ins, o, **kw: helper.make_node(op, ins, [o], name=o + "_node", **kw)
+    return [
+        n("BitShift", [bits, const((7 - np.arange(8)).reshape(1, 8), np.uint8)], out + ".high", direction="LEFT"),
+        n("BitShift", [out + ".high", const(7, np.uint8)], out + ".u8", direction="RIGHT"),
+        n("Cast", [out + ".u8"], out + ".flat", to=TensorProto.BOOL),
+        n("Shape", [like], out + ".shape"),
+        n("Reshape", [out + ".flat", out + ".shape"], out),
+    ]
+
+
+def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bool = True) -> dict[str, int]:
     """Rewrite ``training`` in place; ``forward`` (the graph before artifacts were generated)
-    gives the spatial sizes of forward tensors. Returns how many nodes were rewritten."""
+    gives the sizes of forward tensors. ``bit_masks`` packs each ReLU mask 8 signs to a byte
+    (where a sample's size is a multiple of 8; else one byte per sign). Returns how many
+    nodes were rewritten."""
+    twins = merge_stop_gradient_twins(training)
     spatial = _spatial_dims(forward)
+    per_sample = _per_sample_elems(forward)
+    consts = _Constants(training.graph)
+    before: dict[int, list[onnx.NodeProto]] = {}
+    bits = 0
     nodes = list(training.graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     zero = "edgetta.lean.zero"
@@ -67,18 +236,27 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto) -> dict[str, 
                 pads=pads, dilations=dil, group=a.get("group", 1), output_padding=out_pad)
             convs += 1
         elif node.op_type == "ReluGrad" and node.domain == "com.microsoft":
-            y = node.input[1]
+            y, dy = node.input[1], node.input[0]
+            packed = bit_masks and per_sample.get(y, 1) % 8 == 0
             if y not in masks:
-                masks[y] = y + ".mask"
-                after.setdefault(producer.get(y, -1), []).append(
-                    helper.make_node("Greater", [y, zero], [masks[y]], name=y + ".mask_node"))
-            nodes[i] = helper.make_node("Where", [masks[y], node.input[0], zero], [node.output[0]],
+                masks[y] = y + (".mask_bits" if packed else ".mask")
+                after.setdefault(producer.get(y, -1), []).extend(
+                    _pack_mask(y, zero, consts) if packed else
+                    [helper.make_node("Greater", [y, zero], [masks[y]], name=y + ".mask_node")])
+                bits += packed
+            mask = masks[y]
+            if packed:
+                mask = f"{y}.mask.unpacked{i}"
+                before.setdefault(i, []).extend(_unpack_mask(masks[y], dy, mask, consts))
+            nodes[i] = helper.make_node("Where", [mask, dy, zero], [node.output[0]],
                                         name=(node.name or f"relugrad{i}") + "_lean")
             relus += 1
     ordered = list(after.get(-1, []))
     for i, node in enumerate(nodes):
+        ordered.extend(before.get(i, []))
         ordered.append(node)
         ordered.extend(after.get(i, []))
     del training.graph.node[:]
     training.graph.node.extend(ordered)
-    return {"conv_grad_to_conv_transpose": convs, "relu_grad_to_mask": relus}
+    return {"stop_gradient_twin_nodes_dropped": twins, "conv_grad_to_conv_transpose": convs,
+            "relu_grad_to_mask": relus, "relu_masks_bit_packed": bits}
