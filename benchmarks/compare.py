@@ -74,11 +74,16 @@ def run_job(args: list[str], threads: int, timeout: float) -> dict[str, Any]:
     return out
 
 
-def _memory_bundle(model: str, default_bundle: Path) -> Path:
+def _memory_bundle(model: str, default_bundle: Path, lean: bool = True) -> Path:
     from benchmarks.common import untrained_checkpoint
-    if model == "default":
+    if model == "default" and lean:
         return default_bundle
-    return export_cached_bundle(untrained_checkpoint(model), f"{model}_untrained")
+    if model == "default":
+        from export import checkpoint
+        from export.bundle import DEFAULT_CHECKPOINT
+        return export_cached_bundle(checkpoint.load(DEFAULT_CHECKPOINT), "default_generated", lean=False)
+    return export_cached_bundle(untrained_checkpoint(model), f"{model}_untrained" + ("" if lean else "_generated"),
+                                **({} if lean else {"lean": False}))
 
 
 def plan(a: argparse.Namespace, ckpt_path: str, bundle: Path) -> list[tuple[tuple, list[str]]]:
@@ -112,6 +117,12 @@ def plan(a: argparse.Namespace, ckpt_path: str, bundle: Path) -> list[tuple[tupl
                     jobs.append((("memory", model, malloc, m),
                                  ["--method", m, "--random-steps", str(mcfg["steps"]), "--batch", str(mcfg["batch"]),
                                   "--malloc", malloc, *src, *extra]))
+                    if m == "edgetta":  # the same model with onnxruntime-training's graph as generated
+                        gen = _memory_bundle(model, bundle, lean=False)
+                        jobs.append((("memory", model, malloc, "edgetta_generated"),
+                                     ["--method", m, "--random-steps", str(mcfg["steps"]),
+                                      "--batch", str(mcfg["batch"]), "--malloc", malloc,
+                                      *(base if model == "default" else ["--model", model]), "--bundle", str(gen)]))
                 zoo_aug = a.memory_cotta_augmentations or 32
                 if model == "default" and "cotta" in a.methods and zoo_aug != 32:
                     # evidence that CoTTA's peak does not depend on its number of augmentations
@@ -150,6 +161,7 @@ def _edgetta_static(bundle: Path, batch: int) -> dict[str, float]:
         op = "+".join(t["consumers"])
         by_consumer[op] = by_consumer.get(op, 0.0) + t["bytes"] / MIB
     return {"activations_kept_mib": r["activations_kept"] / MIB,
+            "static_step_mib": (r["activations_kept"] + r["workspace"]) / MIB,
             "analytic_mib": (r["total"] - r["workspace"]) / MIB,
             "kept_by_consumer_mib": dict(sorted(by_consumer.items(), key=lambda kv: -kv[1]))}
 
@@ -231,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             for model in a.memory_models:
                 for ml in list(results.get(model, {})):
                     results[model][ml] = {m: v for m, v in results[model][ml].items()
-                                          if m not in a.methods and not m.startswith("cotta_aug")}
+                                          if m not in a.methods and not m.startswith("cotta_aug")
+                                          and not (m == "edgetta_generated" and "edgetta" in a.methods)}
             data["memory"]["results"] = results
             data["memory"]["models"] = old.get("models", {})
             for model in a.memory_models:
@@ -253,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "failed" not in retry:
                     retry["fallback"] = {"contiguous_input": True, "failed": result["failed"]}
                     result = retry
-            if key[-1] == "edgetta" and "failed" not in result and key[0] in ("main", "memory"):
+            if key[-1].startswith("edgetta") and "failed" not in result and key[0] in ("main", "memory"):
                 try:
                     b = Path(args[args.index("--bundle") + 1])
                     result.update(_edgetta_static(b, int(args[args.index("--batch") + 1])))

@@ -3,7 +3,7 @@ writes it to ``benchmarks/results/README_section.md``). Every number in it is re
 from __future__ import annotations
 
 from benchmarks.report import (LABELS, MODEL_LABELS, SHORT, activations_mib, analytic_mib, gradual_table, less, mib,
-                               model_config, ok, pct, ratio_rows, ratio_table, reduction, small_batch_table,
+                               lean_table, model_config, ok, pct, ratio_rows, ratio_table, reduction, small_batch_table,
                                sparsity_table, _methods)
 
 R = "benchmarks/results"
@@ -95,6 +95,14 @@ def render(data: dict) -> str:
                 "activations return to the OS in all of them alike:", ""]
         out += _memory_summary(mem) + [""]
         out += [f"![peak memory per method]({R}/memory_bars.png)", ""]
+        out += ["### The lean adaptation graph", "",
+                "`edgetta export` rewrites onnxruntime-training's generated graph (`export/lean.py`): the "
+                "regularizer's stop-gradient recomputation of each meta network is merged into the main branch, "
+                "frozen convolutions' input gradients come from their weights only (`ConvTranspose`), and ReLU "
+                "gradients from masks packed 8 signs to a byte. The same model exported with `--no-lean` is the "
+                "\"generated graph\" column; the static estimate is `edgetta profile`'s, the measured adaptation "
+                "part is peak RSS minus RSS once loaded:", ""]
+        out += lean_table(mem) + [""]
         rows = ratio_rows(mem, main)
         if rows:
             out += ["### Against the EcoTTA paper's targets", "",

@@ -20,11 +20,13 @@ from benchmarks.common import RESULTS
 
 LABELS = {"source": "source (no adaptation)", "source_meta": "source + warmed-up meta nets",
           "bn_adapt": "BN-adapt", "tent": "TENT", "cotta": "CoTTA", "ecotta_torch": "EcoTTA (PyTorch)",
-          "edgetta": "edgetta (EcoTTA, onnxruntime-training)"}
+          "edgetta": "edgetta (EcoTTA, onnxruntime-training)",
+          "edgetta_generated": "edgetta, onnxruntime-training's graph as generated (no lean rewrite)"}
 SHORT = {"source": "source", "source_meta": "source+meta", "bn_adapt": "BN-adapt", "tent": "TENT",
-         "cotta": "CoTTA", "ecotta_torch": "EcoTTA-torch", "edgetta": "edgetta"}
+         "cotta": "CoTTA", "ecotta_torch": "EcoTTA-torch", "edgetta": "edgetta",
+         "edgetta_generated": "edgetta (generated graph)"}
 COLORS = {"source": "#7f7f7f", "source_meta": "#bcbd22", "bn_adapt": "#17becf", "tent": "#1f77b4",
-          "cotta": "#d62728", "ecotta_torch": "#9467bd", "edgetta": "#2ca02c"}
+          "cotta": "#d62728", "ecotta_torch": "#9467bd", "edgetta": "#2ca02c", "edgetta_generated": "#98df8a"}
 MODEL_LABELS = {"default": "WRN-16-2 (trained, 80% ERK) 32x32", "wrn28_10": "WRN-28-10 32x32",
                 "wrn40_2": "WRN-40-2 32x32", "resnet50": "ResNet-50 224x224"}
 ABBREV = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
@@ -193,6 +195,29 @@ def memory_tables(sec: dict) -> list[str]:
             lines.append(f"| {SHORT.get(m, m)} | " + " | ".join(cells)
                          + f" | {mib(activations_mib(ref))} | {mib(analytic_mib(ref))} | {step} |")
         lines.append("")
+    return lines
+
+
+def lean_table(sec: dict, malloc: str = "pinned") -> list[str]:
+    """The lean graph against the generated one, TENT and CoTTA: peak RSS of the whole process,
+    the static estimate against the measured adaptation part, and step time."""
+    lines = ["| model, batch | edgetta peak MiB | generated graph peak | TENT peak | CoTTA peak "
+             "| edgetta / TENT (target <= 0.35) | edgetta / CoTTA (target <= 0.10) "
+             "| adaptation part: static estimate / measured MiB | step s: lean / generated |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, by_malloc in sec["results"].items():
+        res = by_malloc.get(malloc, {})
+        e, g, t, c = (res.get(k) for k in ("edgetta", "edgetta_generated", "tent", "cotta"))
+        if not ok(e):
+            continue
+        peak = lambda r: mib(r["peak_rss_mib"]) if ok(r) else "n/a"
+        ratio = lambda r: f"{e['peak_rss_mib'] / r['peak_rss_mib']:.2f}" if ok(r) else "n/a"
+        static = e.get("static_step_mib")
+        est = f"{static:.0f} / {e['adaptation_share_mib']:.0f}" if static else "n/a"
+        step = f"{e['ms_per_batch'] / 1e3:.2f} / {g['ms_per_batch'] / 1e3:.2f} " \
+               f"({100 * (e['ms_per_batch'] / g['ms_per_batch'] - 1):+.0f}%)" if ok(g) else f"{e['ms_per_batch'] / 1e3:.2f}"
+        lines.append(f"| {MODEL_LABELS.get(model, model)}, {model_config(sec, model)['batch']} | {peak(e)} | {peak(g)} "
+                     f"| {peak(t)} | {peak(c)} | {ratio(t)} | {ratio(c)} | {est} | {step} |")
     return lines
 
 
@@ -449,6 +474,7 @@ def compare_md(data: dict) -> str:
             out += gradual_table(sec)
         elif name == "memory":
             out += memory_tables(sec)
+            out += ["Lean graph (issue 7 targets), pinned allocator:", ""] + lean_table(sec) + [""]
             rows = ratio_rows(sec, data.get("main"))
             for ml in dict.fromkeys(r["malloc"] for r in rows):
                 out += ["", f"Memory reduction against CoTTA and TENT ({ml} malloc in every process):", ""]

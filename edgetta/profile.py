@@ -135,21 +135,14 @@ def inference_facts(bundle: Bundle) -> GraphFacts:
 
 
 def _backward_nodes(nodes: list[Any], seeds: set[str]) -> set[int]:
-    """Nodes that read a gradient, and nodes whose outputs only such nodes read (a mask
-    unpacked for a ReLU gradient, the sign an L1 gradient multiplies by)."""
+    """Nodes that read a gradient, and every node placed after the first of them: the
+    generated graph lists the backward pass after the forward pass, with nodes that need no
+    gradient among it (the sign an L1 gradient multiplies by, a mask unpacked for a ReLU)."""
     reached, back = set(seeds), set()
     for i, node in enumerate(nodes):
-        if any(x in reached for x in node.input):
+        if back or any(x in reached for x in node.input):
             back.add(i)
             reached.update(o for o in node.output if o)
-    readers: dict[str, set[int]] = {}
-    for i, node in enumerate(nodes):
-        for x in node.input:
-            readers.setdefault(x, set()).add(i)
-    for i in range(len(nodes) - 1, -1, -1):
-        outs = [o for o in nodes[i].output if o]
-        if i not in back and outs and all(readers.get(o) and readers[o] <= back for o in outs):
-            back.add(i)
     return back
 
 

@@ -176,7 +176,7 @@ def _pack_mask(y: str, zero: str, const: _Constants) -> list[onnx.NodeProto]:
     return [
         n("Greater", [y, zero], y + ".mask"),
         n("Cast", [y + ".mask"], y + ".mask_u8", to=TensorProto.UINT8),
-        n("Reshape", [y + ".mask_u8", const([-1, 8], np.int64)], y + ".mask_rows"),
+        n("Reshape", [y + ".mask_u8", const([0, -1, 8], np.int64)], y + ".mask_rows"),
         n("MatMulInteger", [y + ".mask_rows", const(1 << np.arange(8).reshape(8, 1), np.uint8)],
           y + ".mask_i32"),
         n("Cast", [y + ".mask_i32"], y + ".mask_bits", to=TensorProto.UINT8),
@@ -196,12 +196,34 @@ def _unpack_mask(bits: str, like: str, out: str, const: _Constants) -> list[onnx
     ]
 
 
+def forward_outputs_first(training: onnx.ModelProto) -> None:
+    """Order the nodes that the forward outputs (loss, logits, statistics) depend on before
+    all others, each group in its former order. onnxruntime-training may list the loss's last
+    nodes after the backward pass, which keeps what they read (the L1 term's |x - h|) alive
+    through the whole backward pass under onnxruntime's index-ordered execution."""
+    g = training.graph
+    nodes = list(g.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    grads = {o.name for o in g.output if o.name.endswith(".accumulation.out")}
+    stack = [producer[o.name] for o in g.output if o.name not in grads and o.name in producer]
+    needed: set[int] = set()
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        stack.extend(producer[x] for x in nodes[i].input if x in producer)
+    del g.node[:]
+    g.node.extend([n for i, n in enumerate(nodes) if i in needed] + [n for i, n in enumerate(nodes) if i not in needed])
+
+
 def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bool = True) -> dict[str, int]:
     """Rewrite ``training`` in place; ``forward`` (the graph before artifacts were generated)
     gives the sizes of forward tensors. ``bit_masks`` packs each ReLU mask 8 signs to a byte
     (where a sample's size is a multiple of 8; else one byte per sign). Returns how many
     nodes were rewritten."""
     twins = merge_stop_gradient_twins(training)
+    forward_outputs_first(training)
     spatial = _spatial_dims(forward)
     per_sample = _per_sample_elems(forward)
     consts = _Constants(training.graph)

@@ -128,6 +128,21 @@ def test_manifest_records_what_the_device_needs(tiny_bundle):
     assert {"torch", "onnx"} <= set(m["versions"])
 
 
+def test_lean_graph_reads_no_stop_gradient_twin(tiny_bundle):
+    """The regularizer's recomputation of each meta network on stop-gradient copies is merged
+    into the main branch: one training-mode BatchNorm per meta BatchNorm, and the stop-gradient
+    chains (float -> int64 -> float) are gone, since every reader now reads the main branch's
+    tensor of equal value. That the gradients are still those of the stop-gradient loss is
+    test_training_graph_loss_and_gradients_match_torch."""
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    rewrites = m["training_graph"]["rewrites"]
+    assert rewrites["stop_gradient_twin_nodes_dropped"] > 0
+    assert 0 < rewrites["relu_masks_bit_packed"] <= rewrites["relu_grad_to_mask"]
+    g = onnx.load(tiny_bundle / "training_model.onnx").graph
+    assert len([n for n in g.node if n.op_type == "BatchNormInternal"]) == 2 * m["ecotta"]["k"]
+    assert not [n for n in g.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.INT64]
+
+
 @pytest.mark.parametrize("name,k", [("resnet26", 4), ("wrn16_1", 2)])
 def test_other_zoo_models_export_with_matching_gradients(name, k, tmp_path):
     from export.ecotta import default_split
