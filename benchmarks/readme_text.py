@@ -119,6 +119,7 @@ def render(data: dict) -> str:
 
 def _kept(r: dict) -> str:
     names = {"BatchNormalizationGrad": "meta BatchNorm inputs", "ConvGrad": "meta conv inputs",
+             "BitShift": "ReLU masks through the frozen backbone (one bit per element)",
              "Where": "ReLU masks through the frozen backbone (one byte per element)", "Mul": "L1-term inputs"}
     parts = [f"{v:,.0f} MiB {names.get(k, k)}" for k, v in r.get("kept_by_consumer_mib", {}).items() if v >= 0.5]
     return ", ".join(parts)
@@ -147,8 +148,9 @@ def explanation(data: dict) -> list[str]:
             "- **What EcoTTA has to keep.** The paper's saving comes from storing no activations for the frozen "
             "backbone. But the entropy gradient must still reach the first meta network through the whole frozen "
             "backbone (so every ReLU's mask is kept), each of the K = 4 meta networks keeps its BatchNorm and "
-            "conv inputs at the full width and resolution of its part (the first two parts of a WRN at 32x32), "
-            "and the regularizer recomputes each meta network on stop-gradient copies, which keeps a second set. "
+            "conv inputs at the full width and resolution of its part (the first two parts of a WRN at 32x32); "
+            "the regularizer's stop-gradient recomputation of each meta network is merged into the main branch "
+            "and keeps nothing of its own. "
             f"edgetta's lean training graph keeps, at batch 64: {eb}. TENT keeps one tensor per BatchNorm "
             "(two in PyTorch: the BN input and the ReLU output), so the fewer BatchNorms per meta network, the "
             "smaller EcoTTA's advantage, roughly: WRN-16-2 has 6 residual blocks for its 4 meta networks "
