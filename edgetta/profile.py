@@ -134,16 +134,29 @@ def inference_facts(bundle: Bundle) -> GraphFacts:
     return GraphFacts(list(model.graph.node), _probe(model, feeds), _init_elems(model.graph))
 
 
-def _backward_nodes(nodes: list[Any], seeds: set[str]) -> set[int]:
-    """Nodes that read a gradient, and every node placed after the first of them: the
-    generated graph lists the backward pass after the forward pass, with nodes that need no
-    gradient among it (the sign an L1 gradient multiplies by, a mask unpacked for a ReLU)."""
-    reached, back = set(seeds), set()
-    for i, node in enumerate(nodes):
-        if back or any(x in reached for x in node.input):
-            back.add(i)
-            reached.update(o for o in node.output if o)
-    return back
+def _kept_for_backward(nodes: list[Any], chain_output: str) -> dict[str, list[tuple[Any, int]]]:
+    """Forward tensors still alive when the forward pass ends, with the nodes that read them
+    afterwards. The forward pass ends with the last node on the way to ``chain_output`` (the
+    logits) in execution order; the regularizer's gradients, which need no upstream gradient,
+    may run before that and keep nothing."""
+    order = execution_order(nodes)
+    rank = {id(n): k for k, n in enumerate(order)}
+    producer = {o: n for n in nodes for o in n.output if o}
+    stack, chain = [producer[chain_output]] if chain_output in producer else [], set()
+    while stack:
+        n = stack.pop()
+        if id(n) not in chain:
+            chain.add(id(n))
+            stack.extend(producer[x] for x in n.input if x in producer)
+    boundary = max((rank[i] for i in chain), default=-1)
+    kept: dict[str, list[tuple[Any, int]]] = {}
+    for n in order[boundary + 1:]:
+        if n.op_type in ("Shape", "Size"):  # metadata only: the data is not kept
+            continue
+        for idx, x in enumerate(n.input):
+            if x and (x == "input" or (x in producer and rank[id(producer[x])] <= boundary)):
+                kept.setdefault(x, []).append((n, idx))
+    return kept
 
 
 def _judge(consumers: list[tuple[Any, int]]) -> str:
@@ -194,30 +207,54 @@ def execution_order(nodes: list[Any]) -> list[Any]:
     return order
 
 
-def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> tuple[int, list[int]]:
+def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str],
+              reuse: bool = True) -> tuple[int, list[int]]:
+    """Bytes alive at each node of the execution order. With ``reuse``, buffers are handed on as
+    onnxruntime's allocation planner does: a new tensor takes the most recently freed buffer of
+    exactly its size, and a buffer that is handed on stays allocated from its first tensor's
+    creation to its last tensor's last use, gaps included."""
     nodes = execution_order(facts.nodes)
-    produced_at = {}
     last_use: dict[str, int] = {}
     for i, node in enumerate(nodes):
-        for o in node.output:
-            if o:
-                produced_at.setdefault(o, i)
         for x in node.input:
             if x:
                 last_use[x] = i
+    start: list[int] = []
+    stop: list[int] = []
+    size: list[int] = []
+    freelist: list[int] = []          # buffer ids, most recently freed first
+    buffer_of: dict[str, int] = {}
+
+    def key(name: str) -> tuple:
+        t = facts.tensors[name]
+        return t.elems1, t.elems2, t.nbytes(batch, target)
+
+    keys: list[tuple] = []
+    if "input" in facts.tensors:      # fed by the caller: never handed on
+        start.append(0), stop.append(last_use.get("input", 0)), size.append(facts.tensors["input"].nbytes(batch, target))
+        keys.append(())
+    for i, node in enumerate(nodes):
+        for o in node.output:
+            if not o or o in skip or o not in facts.tensors or o in buffer_of:
+                continue
+            k = key(o)
+            found = next((j for j, bid in enumerate(freelist) if keys[bid] == k), None) if reuse else None
+            if found is None:
+                bid = len(start)
+                start.append(i), stop.append(i), size.append(k[2]), keys.append(k)
+            else:
+                bid = freelist.pop(found)
+            buffer_of[o] = bid
+            stop[bid] = max(stop[bid], last_use.get(o, i))
+        for name in dict.fromkeys(list(node.input) + list(node.output)):
+            bid = buffer_of.get(name)
+            if bid is not None and last_use.get(name, i) == i and stop[bid] == i:
+                freelist.insert(0, bid)
     end = len(nodes)
     delta = np.zeros(end + 2, dtype=np.int64)
-    for name, start in produced_at.items():
-        if name in skip or name not in facts.tensors:
-            continue
-        size = facts.tensors[name].nbytes(batch, target)
-        stop = last_use.get(name, start)
-        delta[start] += size
-        delta[stop + 1] -= size
-    if "input" in facts.tensors:
-        size = facts.tensors["input"].nbytes(batch, target)
-        delta[0] += size
-        delta[last_use.get("input", 0) + 1] -= size
+    for b0, b1, sz in zip(start, stop, size):
+        delta[b0] += sz
+        delta[b1 + 1] -= sz
     live = np.cumsum(delta)[:end]
     return int(live.max()) if end else 0, live.tolist()
 
@@ -242,16 +279,7 @@ def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None =
     grads = params_trainable                     # persistent accumulation buffers
     optimizer = params_trainable if momentum else 0
 
-    nodes = train.nodes
-    back = _backward_nodes(nodes, {"loss_grad"})
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    consumers: dict[str, list] = {}
-    for i in sorted(back):
-        if nodes[i].op_type in ("Shape", "Size"):  # metadata only: the data is not kept
-            continue
-        for idx, x in enumerate(nodes[i].input):
-            if x and (producer.get(x, -1) not in back) and (x in producer or x == "input"):
-                consumers.setdefault(x, []).append((nodes[i], idx))
+    consumers = _kept_for_backward(train.nodes, "logits")
     kept = []
     for name, cons in consumers.items():
         info = train.tensors.get(name)

@@ -21,6 +21,13 @@ A pass runs first, on the EcoTTA structure of the graph:
   The recomputation has the same values as the main branch, so its backward nodes are pointed
   at the main branch's tensors and the twin forward nodes are dropped: the gradients stay
   exactly those of the stop-gradient loss, and the twin's activations are no longer kept.
+- ``regularizer_backward_early``: the regularizer's gradient needs no upstream gradient (d loss /
+  d loss is 1), so each term is differentiated during the forward pass, right after its meta
+  network has run, and nothing of it is held through the backward pass.
+
+onnxruntime runs a node as soon as its inputs exist, so every node added for the backward pass
+(the mask unpacking) reads the gradient it serves, or it would run in the forward pass and hold
+its output through the backward pass.
 """
 from __future__ import annotations
 
@@ -185,10 +192,16 @@ def _pack_mask(y: str, zero: str, const: _Constants) -> list[onnx.NodeProto]:
 
 def _unpack_mask(bits: str, like: str, out: str, const: _Constants) -> list[onnx.NodeProto]:
     """Bit k of each byte as a boolean, shaped like ``like`` (the gradient the mask is applied
-    to, so that the unpacking runs in the backward pass, right before its use)."""
+    to). Every unpacking node depends on ``like``: onnxruntime runs a node as soon as its
+    inputs exist, so an unpacking that read only the packed bits would run in the forward pass
+    and hold the unpacked mask through the backward pass."""
     n = lambda op, ins, o, **kw: helper.make_node(op, ins, [o], name=o + "_node", **kw)
     return [
-        n("BitShift", [bits, const((7 - np.arange(8)).reshape(1, 8), np.uint8)], out + ".high", direction="LEFT"),
+        n("Shape", [like], out + ".batch", start=0, end=1),
+        n("Concat", [out + ".batch", const([-1, 1], np.int64)], out + ".rows", axis=0),
+        n("Reshape", [bits, out + ".rows"], out + ".bits"),
+        n("BitShift", [out + ".bits", const((7 - np.arange(8)).reshape(1, 8), np.uint8)], out + ".high",
+          direction="LEFT"),
         n("BitShift", [out + ".high", const(7, np.uint8)], out + ".u8", direction="RIGHT"),
         n("Cast", [out + ".u8"], out + ".flat", to=TensorProto.BOOL),
         n("Shape", [like], out + ".shape"),
@@ -196,25 +209,73 @@ def _unpack_mask(bits: str, like: str, out: str, const: _Constants) -> list[onnx
     ]
 
 
-def forward_outputs_first(training: onnx.ModelProto) -> None:
-    """Order the nodes that the forward outputs (loss, logits, statistics) depend on before
-    all others, each group in its former order. onnxruntime-training may list the loss's last
-    nodes after the backward pass, which keeps what they read (the L1 term's |x - h|) alive
-    through the whole backward pass under onnxruntime's index-ordered execution."""
-    g = training.graph
-    nodes = list(g.node)
+def _ancestors(nodes: list[onnx.NodeProto], outputs: list[str]) -> set[int]:
+    """The nodes that ``outputs`` depend on."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    grads = {o.name for o in g.output if o.name.endswith(".accumulation.out")}
-    stack = [producer[o.name] for o in g.output if o.name not in grads and o.name in producer]
+    stack = [producer[o] for o in outputs if o in producer]
     needed: set[int] = set()
     while stack:
         i = stack.pop()
-        if i in needed:
-            continue
-        needed.add(i)
-        stack.extend(producer[x] for x in nodes[i].input if x in producer)
+        if i not in needed:
+            needed.add(i)
+            stack.extend(producer[x] for x in nodes[i].input if x in producer)
+    return needed
+
+
+def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logits_grad",
+                               chain: str = "logits") -> int:
+    """Place every node that is neither on the way to the logits nor reached by the entropy
+    term's gradient right after the last node it depends on: the regularizer's terms and their
+    backward (whose upstream gradient is the constant d loss / d loss), the BatchNorm statistics
+    outputs, the loss sum. Under onnxruntime's priority order (lowest index among ready nodes)
+    each regularizer term is then computed and differentiated during the forward pass, as soon
+    as its meta network has run: what only it reads (the L1 term's difference and sign) is freed
+    at once, and no regularizer gradient is held through the backward pass. Returns the number
+    of nodes placed early."""
+    import heapq
+
+    g = training.graph
+    nodes = list(g.node)
+    forward = _ancestors(nodes, [chain])
+    main = _backward(nodes, main_seed)
+    early = set(range(len(nodes))) - forward - main
+    avail = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    waiting_on: dict[str, list[int]] = {}
+    missing: dict[int, int] = {}
+    ready: list[int] = []
+    for i in early:
+        need = {x for x in nodes[i].input if x not in avail}
+        missing[i] = len(need)
+        for x in need:
+            waiting_on.setdefault(x, []).append(i)
+        if not need:
+            ready.append(i)
+    heapq.heapify(ready)
+    order: list[onnx.NodeProto] = []
+
+    def place(i: int) -> None:
+        order.append(nodes[i])
+        for o in nodes[i].output:
+            if o and o not in avail:
+                avail.add(o)
+                for j in waiting_on.pop(o, []):
+                    missing[j] -= 1
+                    if missing[j] == 0:
+                        heapq.heappush(ready, j)
+
+    def flush() -> None:
+        while ready:
+            place(heapq.heappop(ready))
+
+    flush()
+    for i in [i for i in range(len(nodes)) if i in forward] + sorted(main):
+        place(i)
+        flush()
+    if len(order) != len(nodes):
+        raise ValueError("regularizer_backward_early: could not place every node")
     del g.node[:]
-    g.node.extend([n for i, n in enumerate(nodes) if i in needed] + [n for i, n in enumerate(nodes) if i not in needed])
+    g.node.extend(order)
+    return len(early)
 
 
 def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bool = True) -> dict[str, int]:
@@ -223,7 +284,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     (where a sample's size is a multiple of 8; else one byte per sign). Returns how many
     nodes were rewritten."""
     twins = merge_stop_gradient_twins(training)
-    forward_outputs_first(training)
+    moved = regularizer_backward_early(training)
     spatial = _spatial_dims(forward)
     per_sample = _per_sample_elems(forward)
     consts = _Constants(training.graph)
@@ -281,4 +342,5 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     del training.graph.node[:]
     training.graph.node.extend(ordered)
     return {"stop_gradient_twin_nodes_dropped": twins, "conv_grad_to_conv_transpose": convs,
-            "relu_grad_to_mask": relus, "relu_masks_bit_packed": bits}
+            "relu_grad_to_mask": relus, "relu_masks_bit_packed": bits,
+            "regularizer_nodes_placed_early": moved}

@@ -143,6 +143,31 @@ def test_lean_graph_reads_no_stop_gradient_twin(tiny_bundle):
     assert not [n for n in g.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.INT64]
 
 
+def test_lean_graph_schedules_for_memory(tiny_bundle):
+    """In execution order, each regularizer term is differentiated before the forward pass
+    ends (one BatchNormalizationGrad per meta BatchNorm on each side of the boundary), and every
+    mask unpacking depends on the gradient it is applied to, so it cannot run early."""
+    from edgetta.profile import execution_order
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    nodes = execution_order(list(onnx.load(tiny_bundle / "training_model.onnx").graph.node))
+    end = max(i for i, n in enumerate(nodes) if "logits" in n.output)
+    bn_grads = [i for i, n in enumerate(nodes) if n.op_type == "BatchNormalizationGrad"]
+    assert len([i for i in bn_grads if i < end]) == len([i for i in bn_grads if i > end]) == 2 * m["ecotta"]["k"]
+    producer = {o: n for n in nodes for o in n.output}
+
+    def reads_a_gradient(name: str, seen: set) -> bool:
+        n = producer.get(name)
+        if n is None or id(n) in seen:
+            return False
+        seen.add(id(n))
+        return any(x.endswith("_grad") or reads_a_gradient(x, seen) for x in n.input)
+
+    unpacked = [n for n in nodes if ".mask.unpacked" in n.name]
+    assert unpacked
+    for n in unpacked:
+        assert any(x.endswith("_grad") or reads_a_gradient(x, set()) for x in n.input), n.name
+
+
 @pytest.mark.parametrize("name,k", [("resnet26", 4), ("wrn16_1", 2)])
 def test_other_zoo_models_export_with_matching_gradients(name, k, tmp_path):
     from export.ecotta import default_split

@@ -30,9 +30,8 @@ def test_static_estimate_agrees_with_measured_peak(facts, batch):
     report = analyse(bundle, get_target("x86-64"), batch, train=train, infer=infer)
     static = report["adaptation"]["activations_kept"] + report["adaptation"]["workspace"]
     measured = measure_step(bundle.path, batch)["step_peak"]
-    # measured runs 10-25% above: onnxruntime's planner reuses freed buffers for smaller
-    # tensors, and kernels allocate temporaries that no graph tensor shows
-    assert 0.9 * static < measured < 1.3 * static, (static / MIB, measured / MIB)
+    # the estimate hands buffers on as onnxruntime's planner does; what is left is kernel scratch
+    assert 0.85 * static < measured < 1.15 * static, (static / MIB, measured / MIB)
 
 
 def test_generated_graph_estimate_is_an_upper_bound(generated_bundle):
@@ -51,7 +50,7 @@ def test_default_bundle_estimate_agrees_with_measured_peak(default_bundle):
     report = analyse(bundle, get_target("x86-64"), 32)
     static = report["adaptation"]["activations_kept"] + report["adaptation"]["workspace"]
     measured = measure_step(bundle.path, 32)["step_peak"]
-    assert 0.9 * static < measured < 1.3 * static, (static / MIB, measured / MIB)
+    assert 0.85 * static < measured < 1.15 * static, (static / MIB, measured / MIB)
 
 
 @pytest.fixture(scope="module")
