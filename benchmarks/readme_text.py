@@ -97,9 +97,10 @@ def render(data: dict) -> str:
         out += [f"![peak memory per method]({R}/memory_bars.png)", ""]
         out += ["### The lean adaptation graph", "",
                 "`edgetta export` rewrites onnxruntime-training's generated graph (`export/lean.py`): the "
-                "regularizer's stop-gradient recomputation of each meta network is merged into the main branch, "
+                "regularizer's stop-gradient recomputation of each meta network is merged into the main branch "
+                "and differentiated during the forward pass (its upstream gradient is the constant 1), "
                 "frozen convolutions' input gradients come from their weights only (`ConvTranspose`), and ReLU "
-                "gradients from masks packed 8 signs to a byte. The same model exported with `--no-lean` is the "
+                "gradients from masks packed 8 signs to a byte, unpacked only when the gradient they gate exists. The same model exported with `--no-lean` is the "
                 "\"generated graph\" column; the static estimate is `edgetta profile`'s, the measured adaptation "
                 "part is peak RSS minus RSS once loaded:", ""]
         out += lean_table(mem) + [""]
@@ -120,6 +121,7 @@ def render(data: dict) -> str:
 def _kept(r: dict) -> str:
     names = {"BatchNormalizationGrad": "meta BatchNorm inputs", "ConvGrad": "meta conv inputs",
              "BitShift": "ReLU masks through the frozen backbone (one bit per element)",
+             "Reshape": "ReLU masks through the frozen backbone (one bit per element)",
              "Where": "ReLU masks through the frozen backbone (one byte per element)", "Mul": "L1-term inputs"}
     parts = [f"{v:,.0f} MiB {names.get(k, k)}" for k, v in r.get("kept_by_consumer_mib", {}).items() if v >= 0.5]
     return ", ".join(parts)

@@ -1,10 +1,11 @@
 """Memory profile of a bundle: what one adaptation step and one inference hold in memory.
 
 Static part: every tensor of the exported graphs gets its exact size from one probe run at
-batch 1 and 2 (sizes are linear in the batch), then a liveness pass over the graph's
-topological order says which tensors are alive at each node. Forward tensors read by gradient
-nodes are the activations kept for backward; each is judged by what its gradient node really
-needs. A target profile (``edgetta.targets``) sets element sizes and allocator alignment, so
+batch 1 and 2 (sizes are linear in the batch), then a liveness pass over the execution order
+says which buffers are allocated at each node, handing freed buffers on to new tensors of the
+same size as onnxruntime's allocation planner does. Forward tensors still alive when the
+forward pass ends are the activations kept for backward; each is judged by what the nodes that
+read it later really need. A target profile (``edgetta.targets``) sets element sizes and allocator alignment, so
 targets we cannot run here are still checked.
 
 Measured part: peak RSS of a real adaptation step in a fresh process (``measure_step``).

@@ -31,7 +31,8 @@ def test_static_estimate_agrees_with_measured_peak(facts, batch):
     static = report["adaptation"]["activations_kept"] + report["adaptation"]["workspace"]
     measured = measure_step(bundle.path, batch)["step_peak"]
     # the estimate hands buffers on as onnxruntime's planner does; what is left is kernel scratch
-    assert 0.85 * static < measured < 1.15 * static, (static / MIB, measured / MIB)
+    # (a few MiB whatever the batch, and varying between processes: it matters at batch 16 here)
+    assert 0.85 * static < measured < 1.15 * static + 4 * MIB, (static / MIB, measured / MIB)
 
 
 def test_generated_graph_estimate_is_an_upper_bound(generated_bundle):
