@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = retry
             if key[-1].startswith("edgetta") and "failed" not in result and key[0] in ("main", "memory"):
                 try:
-                    b = Path(args[len(args) - 1 - args[::-1].index("--bundle") + 1])  # the last one counts
+                    b = Path(args[max(i for i, x in enumerate(args) if x == "--bundle") + 1])  # the last one counts
                     result.update(_edgetta_static(b, int(args[args.index("--batch") + 1])))
                 except Exception as e:  # the static figure is extra; never lose the run for it
                     result["static_error"] = str(e)

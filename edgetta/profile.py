@@ -5,8 +5,8 @@ batch 1 and 2 (sizes are linear in the batch), then a liveness pass over the exe
 says which buffers are allocated at each node, handing freed buffers on to new tensors of the
 same size as onnxruntime's allocation planner does. Forward tensors still alive when the
 forward pass ends are the activations kept for backward; each is judged by what the nodes that
-read it later really need. A target profile (``edgetta.targets``) sets element sizes and allocator alignment, so
-targets we cannot run here are still checked.
+read it later really need. A target profile (``edgetta.targets``) sets element sizes and
+allocator alignment, so targets we cannot run here are still checked.
 
 Measured part: peak RSS of a real adaptation step in a fresh process (``measure_step``).
 """
@@ -53,6 +53,13 @@ class GraphFacts:
     nodes: list[Any]
     tensors: dict[str, TensorInfo]
     params: dict[str, int] = field(default_factory=dict)   # initializer name -> elements
+    _order: list[Any] | None = field(default=None, repr=False)
+
+    def order(self) -> list[Any]:
+        """The nodes in execution order (computed once: every analysis walks it)."""
+        if self._order is None:
+            self._order = execution_order(self.nodes)
+        return self._order
 
 
 def _onnx():
@@ -135,14 +142,13 @@ def inference_facts(bundle: Bundle) -> GraphFacts:
     return GraphFacts(list(model.graph.node), _probe(model, feeds), _init_elems(model.graph))
 
 
-def _kept_for_backward(nodes: list[Any], chain_output: str) -> dict[str, list[tuple[Any, int]]]:
+def _kept_for_backward(order: list[Any], chain_output: str) -> dict[str, list[tuple[Any, int]]]:
     """Forward tensors still alive when the forward pass ends, with the nodes that read them
     afterwards. The forward pass ends with the last node on the way to ``chain_output`` (the
-    logits) in execution order; the regularizer's gradients, which need no upstream gradient,
-    may run before that and keep nothing."""
-    order = execution_order(nodes)
+    logits) in execution ``order``; the regularizer's gradients, which need no upstream
+    gradient, may run before that and keep nothing."""
     rank = {id(n): k for k, n in enumerate(order)}
-    producer = {o: n for n in nodes for o in n.output if o}
+    producer = {o: n for n in order for o in n.output if o}
     stack, chain = [producer[chain_output]] if chain_output in producer else [], set()
     while stack:
         n = stack.pop()
@@ -208,54 +214,44 @@ def execution_order(nodes: list[Any]) -> list[Any]:
     return order
 
 
-def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str],
-              reuse: bool = True) -> tuple[int, list[int]]:
-    """Bytes alive at each node of the execution order. With ``reuse``, buffers are handed on as
+def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> tuple[int, list[int]]:
+    """Bytes allocated at each node of the execution order. Buffers are handed on as
     onnxruntime's allocation planner does: a new tensor takes the most recently freed buffer of
     exactly its size, and a buffer that is handed on stays allocated from its first tensor's
     creation to its last tensor's last use, gaps included."""
-    nodes = execution_order(facts.nodes)
+    nodes = facts.order()
     last_use: dict[str, int] = {}
     for i, node in enumerate(nodes):
         for x in node.input:
             if x:
                 last_use[x] = i
-    start: list[int] = []
-    stop: list[int] = []
-    size: list[int] = []
-    freelist: list[int] = []          # buffer ids, most recently freed first
+    spans: list[list] = []                         # per buffer: [first node, last node, size key]
+    free: dict[tuple, list[int]] = {}              # size key -> freed buffers, most recent last
     buffer_of: dict[str, int] = {}
-
-    def key(name: str) -> tuple:
-        t = facts.tensors[name]
-        return t.elems1, t.elems2, t.nbytes(batch, target)
-
-    keys: list[tuple] = []
-    if "input" in facts.tensors:      # fed by the caller: never handed on
-        start.append(0), stop.append(last_use.get("input", 0)), size.append(facts.tensors["input"].nbytes(batch, target))
-        keys.append(())
+    if "input" in facts.tensors:                   # fed by the caller: never handed on
+        spans.append([0, last_use.get("input", 0), (None, None, facts.tensors["input"].nbytes(batch, target))])
     for i, node in enumerate(nodes):
         for o in node.output:
             if not o or o in skip or o not in facts.tensors or o in buffer_of:
                 continue
-            k = key(o)
-            found = next((j for j, bid in enumerate(freelist) if keys[bid] == k), None) if reuse else None
-            if found is None:
-                bid = len(start)
-                start.append(i), stop.append(i), size.append(k[2]), keys.append(k)
+            t = facts.tensors[o]
+            key = (t.elems1, t.elems2, t.nbytes(batch, target))
+            if free.get(key):
+                bid = free[key].pop()
             else:
-                bid = freelist.pop(found)
+                bid = len(spans)
+                spans.append([i, i, key])
             buffer_of[o] = bid
-            stop[bid] = max(stop[bid], last_use.get(o, i))
+            spans[bid][1] = max(spans[bid][1], last_use.get(o, i))
         for name in dict.fromkeys(list(node.input) + list(node.output)):
             bid = buffer_of.get(name)
-            if bid is not None and last_use.get(name, i) == i and stop[bid] == i:
-                freelist.insert(0, bid)
+            if bid is not None and last_use.get(name, i) == i and spans[bid][1] == i:
+                free.setdefault(spans[bid][2], []).append(bid)
     end = len(nodes)
     delta = np.zeros(end + 2, dtype=np.int64)
-    for b0, b1, sz in zip(start, stop, size):
-        delta[b0] += sz
-        delta[b1 + 1] -= sz
+    for first, last, (_, _, size) in spans:
+        delta[first] += size
+        delta[last + 1] -= size
     live = np.cumsum(delta)[:end]
     return int(live.max()) if end else 0, live.tolist()
 
@@ -280,7 +276,7 @@ def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None =
     grads = params_trainable                     # persistent accumulation buffers
     optimizer = params_trainable if momentum else 0
 
-    consumers = _kept_for_backward(train.nodes, "logits")
+    consumers = _kept_for_backward(train.order(), "logits")
     kept = []
     for name, cons in consumers.items():
         info = train.tensors.get(name)

@@ -31,6 +31,8 @@ its output through the backward pass.
 """
 from __future__ import annotations
 
+import heapq
+
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 import numpy as np
@@ -227,13 +229,12 @@ def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logi
     """Place every node that is neither on the way to the logits nor reached by the entropy
     term's gradient right after the last node it depends on: the regularizer's terms and their
     backward (whose upstream gradient is the constant d loss / d loss), the BatchNorm statistics
-    outputs, the loss sum. Under onnxruntime's priority order (lowest index among ready nodes)
-    each regularizer term is then computed and differentiated during the forward pass, as soon
-    as its meta network has run: what only it reads (the L1 term's difference and sign) is freed
-    at once, and no regularizer gradient is held through the backward pass. Returns the number
-    of nodes placed early."""
-    import heapq
-
+    outputs, the loss sum. Each regularizer term is then computed and differentiated during the
+    forward pass, as soon as its meta network has run: what only it reads (the L1 term's
+    difference and sign) is freed at once, and no regularizer gradient is held through the
+    backward pass. onnxruntime runs ready nodes early anyway; placing them there makes the
+    graph's order say so, which the profiler's liveness pass follows. Returns the number of
+    nodes placed early."""
     g = training.graph
     nodes = list(g.node)
     forward = _ancestors(nodes, [chain])
