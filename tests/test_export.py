@@ -38,15 +38,20 @@ def _ort_loss_and_grads(bundle, x):
     return float(outs[0]), outs[1], {n: state.parameters[n].grad.copy() for n in manifest["trainable"]}
 
 
-def _torch_loss_and_grads(model, x, detach=True):
+def _torch_loss_and_grads(model, x, detach=True, lam=0.5, e0=0.4 * np.log(10), double=False):
+    """Loss, logits and meta gradients of torch; ``double`` runs it in float64, the exact
+    reference (torch's own float32 conv backward is off by up to ~1e-3 where sums cancel)."""
     import export.ecotta as eco
+    if double:
+        model = model.double()
     model.train()
     model.zero_grad()
     if not detach:  # the regularizer without the paper's stop-gradient
         orig = eco.stop_gradient
         eco.stop_gradient = lambda t: t
     try:
-        loss, logits, _, _ = ecotta_loss(model, torch.from_numpy(x), 0.5, 0.4 * np.log(10))
+        xt = torch.from_numpy(x).double() if double else torch.from_numpy(x)
+        loss, logits, _, _ = ecotta_loss(model, xt, lam, e0)
     finally:
         if not detach:
             eco.stop_gradient = orig
@@ -61,13 +66,12 @@ def test_training_graph_loss_and_gradients_match_torch(tiny_ckpt, tiny_bundle, b
     the paper's stop-gradient with detach(); without it the gradients differ measurably."""
     x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
     loss, logits, grads = _ort_loss_and_grads(tiny_bundle, x)
-    t_loss, t_logits, t_grads = _torch_loss_and_grads(torch_reference(tiny_ckpt), x)
-    assert abs(loss - t_loss) <= 1e-4 * max(1.0, abs(t_loss))
+    t_loss, t_logits, t_grads = _torch_loss_and_grads(torch_reference(tiny_ckpt), x, double=True)
+    assert abs(loss - t_loss) <= 1e-5 * max(1.0, abs(t_loss))
     assert np.abs(logits - t_logits).max() < 1e-4
     assert set(grads) == set(t_grads)
-    for name, g in grads.items():
-        scale = np.abs(t_grads[name]).max() + 1e-8
-        assert np.abs(g - t_grads[name]).max() / scale < 1e-3, name
+    errs = _relative_errors(grads, t_grads)
+    assert max(errs.values()) < 1e-4, errs
     # the test can tell: without the stop-gradient, early meta networks get other gradients
     _, _, leaky = _torch_loss_and_grads(torch_reference(tiny_ckpt), x, detach=False)
     differs = [n for n in grads if np.abs(leaky[n] - grads[n]).max() / (np.abs(grads[n]).max() + 1e-8) > 1e-2]
@@ -185,39 +189,91 @@ def test_other_zoo_models_export_with_matching_gradients(name, k, tmp_path):
     assert manifest["ecotta"]["k"] == k
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     loss, _, grads = _ort_loss_and_grads(bundle, x)
-    t_loss, _, t_grads = _torch_loss_and_grads(torch_reference(ckpt), x)
-    assert abs(loss - t_loss) <= 1e-4 * max(1.0, abs(t_loss))
-    for n, g in grads.items():
-        assert np.abs(g - t_grads[n]).max() / (np.abs(t_grads[n]).max() + 1e-8) < 1e-3, n
+    t_loss, _, t_grads = _torch_loss_and_grads(torch_reference(ckpt), x, double=True)
+    assert abs(loss - t_loss) <= 1e-5 * max(1.0, abs(t_loss))
+    errs = _relative_errors(grads, t_grads)
+    assert max(errs.values()) < 1e-4, errs
+
+
+def _relative_errors(grads: dict, ref: dict) -> dict:
+    """||g - g_ref|| / ||g_ref|| per tensor. A tensor whose exact gradient is zero (a bias
+    before a batch-statistics BatchNorm at batch 1) holds only rounding, so the denominator is
+    at least 1% of the whole gradient's norm: an error above 1e-6 of the whole still fails."""
+    floor = 1e-2 * np.sqrt(sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref.values()))
+    return {n: float(np.linalg.norm(grads[n] - ref[n]) / max(np.linalg.norm(ref[n]), floor)) for n in ref}
+
+
+def _l1_near_ties(model, x, tol=1e-5) -> list[int]:
+    """Per meta network, elements where its output and the frozen part's output differ by
+    less than ``tol`` (float64): there float32 rounding decides the sign of the L1 term."""
+    with torch.no_grad():
+        _, trace = model.features(torch.from_numpy(x).to(next(model.parameters()).dtype))
+    return [int(((x_k - h).abs() < tol).sum()) for _, h, x_k in trace]
+
+
+def _portable_grads(bundle, manifest, x):
+    import onnxruntime as ort
+    step = ort.InferenceSession(str(bundle / "portable_step.onnx"), providers=["CPUExecutionProvider"])
+    init = np.load(bundle / "meta_init.npz")
+    feeds = {"input": x, "lr": np.array(0.0, np.float32), "momentum": np.array(0.0, np.float32)}
+    feeds.update({n: init[n] for n in manifest["trainable"]})
+    feeds.update({f"{n}.velocity": np.zeros_like(init[n]) for n in manifest["trainable"]})
+    outs = dict(zip([o.name for o in step.get_outputs()], step.run(None, feeds)))
+    return {n: outs[f"{n}.velocity.new"] for n in manifest["trainable"]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["wrn16_2", "wrn40_2", "resnet26", "wrn28_10", "resnet50"])
 def test_zoo_gradients_of_lean_and_portable_graphs_match_torch(name, tmp_path):
-    """Every zoo model with K=4 meta networks, batches 1, 16 and 64: onnxruntime-training's lean
-    graph and the portable step both give torch's meta gradients (relative error < 1e-4)."""
-    import onnxruntime as ort
+    """Every zoo model with K=4 meta networks, batches 1, 16 and 64, every meta gradient tensor.
+
+    - The rewrite changes no number: the lean graph's gradients equal those of the graph
+      onnxruntime generates (relative error < 1e-6; the forward kernels are the same, so the
+      same values reach every sign() and mask).
+    - Against the exact gradient (torch in float64), with the entropy term alone (lambda = 0:
+      the gradient that crosses every frozen layer) and with the full loss: relative error
+      < 1e-4, or, where float32 cannot reach that, at most 8x torch float32's own error
+      against float64 (deep nets at batch >= 16: cancelling sums through many frozen layers).
+    - The portable step against the lean graph, to the same bound (its BatchNorms are standard
+      ops, so its forward values differ from the lean graph's by rounding).
+    - One exception, counted: where a meta output and the frozen part's output differ by less
+      than float32 rounding (|d| < 1e-5), the sign of that L1 element is a rounding choice;
+      one flipped element among millions moves that meta network's tensors by up to ~1e-3.
+
+    The untrained nets are unconfident on noise, so the entropy threshold E0 is raised above
+    log(classes): every sample then counts.
+    """
     from export.models import CONFIGS
     ckpt = make_checkpoint(name)
     size = CONFIGS[name].input_size
     ckpt["input_size"] = size
-    bundle = tmp_path / name
-    manifest = export_bundle(ckpt, bundle, profile=False)
-    step = ort.InferenceSession(str(bundle / "portable_step.onnx"), providers=["CPUExecutionProvider"])
-    init = np.load(bundle / "meta_init.npz")
+    e0 = 10.0
+    bundles = {key: tmp_path / key for key in ("lean", "generated", "entropy")}
+    export_bundle(ckpt, bundles["lean"], profile=False, e0=e0)
+    export_bundle(ckpt, bundles["generated"], profile=False, e0=e0, lean=False, portable=False)
+    export_bundle(ckpt, bundles["entropy"], profile=False, e0=e0, lam=0.0, portable=False)
+    manifest = json.loads((bundles["lean"] / "manifest.json").read_text())
     for batch in (1, 16, 64):
         x = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
-        _, _, grads = _ort_loss_and_grads(bundle, x)
-        _, _, t_grads = _torch_loss_and_grads(torch_reference(ckpt), x)
-        feeds = {"input": x, "lr": np.array(0.0, np.float32), "momentum": np.array(0.0, np.float32)}
-        feeds.update({n: init[n] for n in manifest["trainable"]})
-        feeds.update({f"{n}.velocity": np.zeros_like(init[n]) for n in manifest["trainable"]})
-        outs = dict(zip([o.name for o in step.get_outputs()], step.run(None, feeds)))
-        # Relative error ||g - g_torch|| / ||g_torch|| per tensor. The L1 regularizer's sign()
-        # is discontinuous: where a meta output equals its target to float precision, rounding
-        # that differs between implementations flips a few signs (torch float32 against float64
-        # shows the same effect), so a tensor may reach ~1e-3 while most agree to ~1e-6.
-        for graph in (grads, {n: outs[f"{n}.velocity.new"] for n in manifest["trainable"]}):
-            errs = [np.linalg.norm(graph[n] - t_grads[n]) / (np.linalg.norm(t_grads[n]) + 1e-12)
-                    for n in manifest["trainable"]]
-            assert np.median(errs) < 1e-4 and max(errs) < 2e-3, (batch, errs)
+        lean = _ort_loss_and_grads(bundles["lean"], x)[2]
+        exact = {lam: _torch_loss_and_grads(torch_reference(ckpt), x, lam=lam, e0=e0, double=True)[2]
+                 for lam in (0.0, 0.5)}
+        assert all(np.abs(g).max() > 0 for g in exact[0.0].values())  # the entropy gradient is live
+        torch32 = {lam: _torch_loss_and_grads(torch_reference(ckpt), x, lam=lam, e0=e0)[2] for lam in (0.0, 0.5)}
+        conditioning = max(max(_relative_errors(torch32[lam], exact[lam]).values()) for lam in exact)
+        bound = max(1e-4, 8 * conditioning)
+        generated = _relative_errors(lean, _ort_loss_and_grads(bundles["generated"], x)[2])
+        entropy = _relative_errors(_ort_loss_and_grads(bundles["entropy"], x)[2], exact[0.0])
+        portable = _relative_errors(_portable_grads(bundles["lean"], manifest, x), lean)
+        full = _relative_errors(lean, exact[0.5])
+        ties = _l1_near_ties(torch_reference(ckpt).double(), x)
+        print(f"{name} batch {batch}: vs generated {max(generated.values()):.1e}, entropy vs float64 "
+              f"{max(entropy.values()):.1e}, full loss vs float64 {max(full.values()):.1e}, portable vs "
+              f"lean {max(portable.values()):.1e}; torch float32 vs float64 {conditioning:.1e}; "
+              f"near ties {ties}")
+        assert max(generated.values()) < 1e-6, generated
+        assert max(entropy.values()) < bound, (batch, entropy)
+        for k, n_ties in enumerate(ties):
+            for what, errs in (("full loss", full), ("portable", portable)):
+                errs = [e for n, e in errs.items() if n.startswith(f"model.metas.{k}.")]
+                assert max(errs) < (max(bound, 2e-3) if n_ties else bound), (what, batch, k, n_ties, errs)
