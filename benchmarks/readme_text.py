@@ -100,9 +100,11 @@ def render(data: dict) -> str:
                 "regularizer's stop-gradient recomputation of each meta network is merged into the main branch "
                 "and differentiated during the forward pass (its upstream gradient is the constant 1), "
                 "frozen convolutions' input gradients come from their weights only (`ConvTranspose`), and ReLU "
-                "gradients from masks packed 8 signs to a byte, unpacked only when the gradient they gate exists. The same model exported with `--no-lean` is the "
-                "\"generated graph\" column; the static estimate is `edgetta profile`'s, the measured adaptation "
-                "part is peak RSS minus RSS once loaded:", ""]
+                "gradients multiply by masks packed 8 signs to a byte, unpacked only when the gradient they gate "
+                "exists. The same model exported with `--no-lean` is the \"generated graph\" column. Adaptation "
+                "memory three ways: `edgetta profile`'s static estimate of one step; what one step adds to the "
+                "peak RSS of a fresh process (`edgetta.profile.measure_step`); and the benchmark run's peak RSS "
+                "minus RSS once loaded (frames, input tensors and first-step allocations included):", ""]
         out += lean_table(mem) + [""]
         rows = ratio_rows(mem, main)
         if rows:
