@@ -149,7 +149,7 @@ def _store(section: dict, key: tuple, value: dict) -> None:
     node[key[-1]] = value
 
 
-def _edgetta_static(bundle: Path, batch: int, one_step: bool = False) -> dict[str, float]:
+def _edgetta_profile(bundle: Path, batch: int, one_step: bool = False) -> dict[str, float]:
     """edgetta's own static breakdown of one step (what the paper's analytic MB counts) and, with
     ``one_step``, what one step adds in a fresh process (``edgetta.profile.measure_step``, the
     figure the profiler's estimate is checked against)."""
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             if key[-1].startswith("edgetta") and "failed" not in result and key[0] in ("main", "memory"):
                 try:
                     b = Path(args[max(i for i, x in enumerate(args) if x == "--bundle") + 1])  # the last one counts
-                    result.update(_edgetta_static(b, int(args[args.index("--batch") + 1]),
-                                                  one_step=key[0] == "memory"))
+                    result.update(_edgetta_profile(b, int(args[args.index("--batch") + 1]),
+                                                   one_step=key[0] == "memory"))
                 except Exception as e:  # the static figure is extra; never lose the run for it
                     result["static_error"] = str(e)
             _store(data[key[0]], key, result)

@@ -214,8 +214,9 @@ def lean_table(sec: dict, malloc: str = "pinned") -> list[str]:
         ratio = lambda r: f"{e['peak_rss_mib'] / r['peak_rss_mib']:.2f}" if ok(r) else "n/a"
         static = e.get("static_step_mib")
         one = e.get("measured_step_mib")
-        est = (f"{static:.0f} / {one:.0f} ({100 * (one / static - 1):+.0f}%) / " if static and one else
-               f"{static:.0f} / n/a / " if static else "n/a / n/a / ") + f"{e['adaptation_share_mib']:.0f}"
+        est = " / ".join([f"{static:.0f}" if static else "n/a",
+                          f"{one:.0f} ({100 * (one / static - 1):+.0f}%)" if static and one else "n/a",
+                          f"{e['adaptation_share_mib']:.0f}"])
         step = f"{e['ms_per_batch'] / 1e3:.2f} / {g['ms_per_batch'] / 1e3:.2f} " \
                f"({100 * (e['ms_per_batch'] / g['ms_per_batch'] - 1):+.0f}%)" if ok(g) else f"{e['ms_per_batch'] / 1e3:.2f}"
         lines.append(f"| {MODEL_LABELS.get(model, model)}, {model_config(sec, model)['batch']} | {peak(e)} | {peak(g)} "

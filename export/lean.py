@@ -334,10 +334,9 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             if packed:
                 mask = f"{y}.mask.unpacked{i}"
                 before.setdefault(i, []).extend(_unpack_mask(masks[y], dy, mask, consts))
-            nodes[i] = (helper.make_node("Mul", [dy, mask], [node.output[0]],
-                                         name=(node.name or f"relugrad{i}") + "_lean") if packed else
-                        helper.make_node("Where", [mask, dy, zero], [node.output[0]],
-                                         name=(node.name or f"relugrad{i}") + "_lean"))
+            name = (node.name or f"relugrad{i}") + "_lean"
+            nodes[i] = (helper.make_node("Mul", [dy, mask], [node.output[0]], name=name) if packed else
+                        helper.make_node("Where", [mask, dy, zero], [node.output[0]], name=name))
             relus += 1
     ordered = list(after.get(-1, []))
     for i, node in enumerate(nodes):

@@ -253,20 +253,22 @@ def test_zoo_gradients_of_lean_and_portable_graphs_match_torch(name, tmp_path):
     export_bundle(ckpt, bundles["generated"], profile=False, e0=e0, lean=False, portable=False)
     export_bundle(ckpt, bundles["entropy"], profile=False, e0=e0, lam=0.0, portable=False)
     manifest = json.loads((bundles["lean"] / "manifest.json").read_text())
+    # built once: gradients are zeroed per call, and meta BatchNorms use batch statistics
+    model32, model64 = torch_reference(ckpt), torch_reference(ckpt).double()
     for batch in (1, 16, 64):
         x = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
         lean = _ort_loss_and_grads(bundles["lean"], x)[2]
-        exact = {lam: _torch_loss_and_grads(torch_reference(ckpt), x, lam=lam, e0=e0, double=True)[2]
+        exact = {lam: _torch_loss_and_grads(model64, x, lam=lam, e0=e0, double=True)[2]
                  for lam in (0.0, 0.5)}
         assert all(np.abs(g).max() > 0 for g in exact[0.0].values())  # the entropy gradient is live
-        torch32 = {lam: _torch_loss_and_grads(torch_reference(ckpt), x, lam=lam, e0=e0)[2] for lam in (0.0, 0.5)}
+        torch32 = {lam: _torch_loss_and_grads(model32, x, lam=lam, e0=e0)[2] for lam in (0.0, 0.5)}
         conditioning = max(max(_relative_errors(torch32[lam], exact[lam]).values()) for lam in exact)
         bound = max(1e-4, 8 * conditioning)
         generated = _relative_errors(lean, _ort_loss_and_grads(bundles["generated"], x)[2])
         entropy = _relative_errors(_ort_loss_and_grads(bundles["entropy"], x)[2], exact[0.0])
         portable = _relative_errors(_portable_grads(bundles["lean"], manifest, x), lean)
         full = _relative_errors(lean, exact[0.5])
-        ties = _l1_near_ties(torch_reference(ckpt).double(), x)
+        ties = _l1_near_ties(model64, x)
         print(f"{name} batch {batch}: vs generated {max(generated.values()):.1e}, entropy vs float64 "
               f"{max(entropy.values()):.1e}, full loss vs float64 {max(full.values()):.1e}, portable vs "
               f"lean {max(portable.values()):.1e}; torch float32 vs float64 {conditioning:.1e}; "
