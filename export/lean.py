@@ -12,6 +12,9 @@ gradient is wanted). This pass rewrites, in the generated training graph:
   with two ``BitShift``s to 0.0/1.0 right before its use: 1 bit kept instead of a 4-byte float.
   (``Where(mask, dY, 0)`` would do the same, but onnxruntime's CPU ``Where`` allocates two
   scratch tensors of its output's size: measured, 2 x 196 MiB per call on ResNet-50.)
+  Masks of frozen convs' outputs are taken in NHWC order and transposed back as bytes when
+  unpacked: on x86, onnxruntime computes those convs in a blocked layout, and only an NHWC
+  reader gets its layout conversion run right away (``frozen_conv_outputs``).
 
 Once neither reads it, the forward activation is freed during the forward pass. All ops are
 standard ONNX. Residual additions, pooling, the classifier and the meta networks are unchanged.
@@ -181,11 +184,13 @@ class _Constants:
         return self.names[key]
 
 
-def _pack_mask(y: str, zero: str, const: _Constants) -> list[onnx.NodeProto]:
-    """``y > 0`` packed 8 signs to a byte: rows of 8 booleans times (1, 2, .., 128)."""
+def _pack_mask(y: str, zero: str, const: _Constants, nhwc: bool = False) -> list[onnx.NodeProto]:
+    """``y > 0`` packed 8 signs to a byte: rows of 8 booleans times (1, 2, .., 128). With
+    ``nhwc`` the signs are taken in NHWC order (see ``frozen_conv_outputs``)."""
     n = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out + "_node", **kw)
-    return [
-        n("Greater", [y, zero], y + ".mask"),
+    src = [n("Transpose", [y], y + ".nhwc", perm=[0, 2, 3, 1])] if nhwc else []
+    return src + [
+        n("Greater", [y + ".nhwc" if nhwc else y, zero], y + ".mask"),
         n("Cast", [y + ".mask"], y + ".mask_u8", to=TensorProto.UINT8),
         n("Reshape", [y + ".mask_u8", const([0, -1, 8], np.int64)], y + ".mask_rows"),
         n("MatMulInteger", [y + ".mask_rows", const(1 << np.arange(8).reshape(8, 1), np.uint8)],
@@ -194,23 +199,67 @@ def _pack_mask(y: str, zero: str, const: _Constants) -> list[onnx.NodeProto]:
     ]
 
 
-def _unpack_mask(bits: str, like: str, out: str, const: _Constants) -> list[onnx.NodeProto]:
+def _unpack_mask(bits: str, like: str, out: str, const: _Constants, nhwc: bool = False) -> list[onnx.NodeProto]:
     """Bit k of each byte as 0.0 or 1.0, shaped like ``like`` (the gradient the mask is applied
-    to). Every unpacking node depends on ``like``: onnxruntime runs a node as soon as its
-    inputs exist, so an unpacking that read only the packed bits would run in the forward pass
-    and hold the unpacked mask through the backward pass."""
+    to; with ``nhwc`` the bits are in NHWC order and are transposed back, as bytes). Every
+    unpacking node depends on ``like``: onnxruntime runs a node as soon as its inputs exist, so
+    an unpacking that read only the packed bits would run in the forward pass and hold the
+    unpacked mask through the backward pass."""
     n = lambda op, ins, o, **kw: helper.make_node(op, ins, [o], name=o + "_node", **kw)
-    return [
+    head = [
         n("Shape", [like], out + ".batch", start=0, end=1),
         n("Concat", [out + ".batch", const([-1, 1], np.int64)], out + ".rows", axis=0),
         n("Reshape", [bits, out + ".rows"], out + ".bits"),
         n("BitShift", [out + ".bits", const((7 - np.arange(8)).reshape(1, 8), np.uint8)], out + ".high",
           direction="LEFT"),
         n("BitShift", [out + ".high", const(7, np.uint8)], out + ".u8", direction="RIGHT"),
-        n("Cast", [out + ".u8"], out + ".flat", to=TensorProto.FLOAT),
         n("Shape", [like], out + ".shape"),
-        n("Reshape", [out + ".flat", out + ".shape"], out),
     ]
+    if not nhwc:
+        return head + [n("Cast", [out + ".u8"], out + ".flat", to=TensorProto.FLOAT),
+                       n("Reshape", [out + ".flat", out + ".shape"], out)]
+    return head + [
+        n("Gather", [out + ".shape", const([0, 2, 3, 1], np.int64)], out + ".shape_nhwc", axis=0),
+        n("Reshape", [out + ".u8", out + ".shape_nhwc"], out + ".u8_nhwc"),
+        n("Transpose", [out + ".u8_nhwc"], out + ".u8_nchw", perm=[0, 3, 1, 2]),
+        n("Cast", [out + ".u8_nchw"], out, to=TensorProto.FLOAT),
+    ]
+
+
+def frozen_conv_outputs(graph: onnx.GraphProto) -> set[str]:
+    """Tensors computed from frozen convolutions by ops that onnxruntime's x86 NCHWc layout
+    pass keeps in its blocked layout (their folded BatchNorms and ReLUs, residual additions
+    of two such tensors, pooling).
+
+    A node that reads such a tensor in plain NCHW gets a ``ReorderOutput``, which that pass
+    creates last: onnxruntime runs the lowest-numbered ready node first, so the reorder waits
+    for the rest of the forward pass, holding the blocked tensor (measured on ResNet-50:
+    a median of 55 nodes, up to 523, 196 MiB each). A ``Transpose`` to NHWC is fused into a
+    reorder created in place, which runs right after its conv. So masks of these tensors are
+    taken in NHWC order."""
+    const = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for x in set(node.input):
+            readers[x] = readers.get(x, 0) + 1
+    frozen: set[str] = set()
+    convs: set[str] = set()  # frozen conv outputs that a per-channel Mul or Add can fuse into
+    for node in graph.node:  # in topological order, as ONNX requires
+        outs = [o for o in node.output if o]
+        ins = [x for x in node.input if x and x not in const]
+        if not ins:  # constant folding makes these initializers
+            const.update(outs)
+        elif node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in const:
+            frozen.update(outs)
+            convs.update(outs)
+        elif node.op_type in ("Mul", "Add") and len(ins) == 1 and len(node.input) == 2:
+            if ins[0] in convs and readers[ins[0]] == 1:  # a folded BatchNorm
+                frozen.update(outs)
+                convs.update(outs)
+        elif node.op_type in ("Relu", "Add", "Sum", "MaxPool", "AveragePool", "BatchNormalization"):
+            if all(x in frozen for x in ins):
+                frozen.update(outs)
+    return frozen
 
 
 def _ancestors(nodes: list[onnx.NodeProto], outputs: list[str]) -> set[int]:
@@ -281,11 +330,14 @@ def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logi
     return len(early)
 
 
-def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bool = True) -> dict[str, int]:
+def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bool = True,
+              nhwc_masks: bool = True) -> dict[str, int]:
     """Rewrite ``training`` in place; ``forward`` (the graph before artifacts were generated)
     gives the sizes of forward tensors. ``bit_masks`` packs each ReLU mask 8 signs to a byte
     (where a sample's size is a multiple of 8; else one byte per sign, applied with ``Where``).
-    Returns how many nodes were rewritten."""
+    ``nhwc_masks`` takes the packed masks of frozen convs' outputs in NHWC order, for
+    onnxruntime's x86 NCHWc layout (``frozen_conv_outputs``); where that layout does not exist
+    (ARM) it only adds two transposes. Returns how many nodes were rewritten."""
     twins = merge_stop_gradient_twins(training)
     moved = regularizer_backward_early(training)
     spatial = _spatial_dims(forward)
@@ -299,7 +351,8 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     training.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
     after: dict[int, list[onnx.NodeProto]] = {}
     masks: dict[str, str] = {}
-    convs = relus = 0
+    nhwc = frozen_conv_outputs(training.graph) if nhwc_masks else set()
+    convs = relus = transposed = 0
     for i, node in enumerate(nodes):
         if node.op_type == "ConvGrad" and node.domain == "com.microsoft":
             wants_weight = len(node.output) > 1 and node.output[1] != ""
@@ -324,16 +377,18 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         elif node.op_type == "ReluGrad" and node.domain == "com.microsoft":
             y, dy = node.input[1], node.input[0]
             packed = bit_masks and per_sample.get(y, 1) % 8 == 0
+            in_nhwc = packed and y in nhwc and y in spatial
             if y not in masks:
                 masks[y] = y + (".mask_bits" if packed else ".mask")
                 after.setdefault(producer.get(y, -1), []).extend(
-                    _pack_mask(y, zero, consts) if packed else
+                    _pack_mask(y, zero, consts, in_nhwc) if packed else
                     [helper.make_node("Greater", [y, zero], [masks[y]], name=y + ".mask_node")])
                 bits += packed
+                transposed += in_nhwc
             mask = masks[y]
             if packed:
                 mask = f"{y}.mask.unpacked{i}"
-                before.setdefault(i, []).extend(_unpack_mask(masks[y], dy, mask, consts))
+                before.setdefault(i, []).extend(_unpack_mask(masks[y], dy, mask, consts, in_nhwc))
             name = (node.name or f"relugrad{i}") + "_lean"
             nodes[i] = (helper.make_node("Mul", [dy, mask], [node.output[0]], name=name) if packed else
                         helper.make_node("Where", [mask, dy, zero], [node.output[0]], name=name))
@@ -346,5 +401,5 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     del training.graph.node[:]
     training.graph.node.extend(ordered)
     return {"stop_gradient_twin_nodes_dropped": twins, "conv_grad_to_conv_transpose": convs,
-            "relu_grad_to_mask": relus, "relu_masks_bit_packed": bits,
+            "relu_grad_to_mask": relus, "relu_masks_bit_packed": bits, "relu_masks_nhwc": transposed,
             "regularizer_nodes_placed_early": moved}

@@ -172,6 +172,42 @@ def test_lean_graph_schedules_for_memory(tiny_bundle):
         assert any(x.endswith("_grad") or reads_a_gradient(x, set()) for x in n.input), n.name
 
 
+def test_frozen_conv_masks_are_read_in_nhwc_order(tiny_bundle, tmp_path):
+    """On x86 onnxruntime computes frozen convs in its blocked NCHWc layout. A mask read in NCHW
+    gets a reorder that the layout pass creates last, which runs late and holds the blocked conv
+    output; read in NHWC it gets a channels-last reorder created in place. Checked in
+    onnxruntime's own optimized graph. Meta networks' masks (trainable convs, plain layout) are
+    not transposed, nor are the portable step's (for ARM, which has no NCHWc layout)."""
+    from onnxruntime.training.api import CheckpointState, Module
+    import onnxruntime as ort
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    rewrites = m["training_graph"]["rewrites"]
+    assert 0 < rewrites["relu_masks_nhwc"] < rewrites["relu_masks_bit_packed"]
+    g = onnx.load(tiny_bundle / "training_model.onnx").graph
+    producer = {o: n for n in g.node for o in n.output}
+    greater = [n for n in g.node if n.op_type == "Greater" and n.output[0].endswith(".mask")]
+    meta = [n for n in greater if n.input[0].startswith("/metas.")]
+    assert meta and all(producer[n.input[0]].op_type != "Transpose" for n in meta)
+    assert len([n for n in greater if producer[n.input[0]].op_type == "Transpose"]) == rewrites["relu_masks_nhwc"]
+    portable = onnx.load(tiny_bundle / "portable_step.onnx").graph
+    assert not [n for n in portable.node if n.op_type == "Transpose" and n.output[0].endswith(".nhwc")]
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    Module(str(tiny_bundle / "training_model.onnx"),
+           CheckpointState.load_checkpoint(str(tiny_bundle / "checkpoint")), device="cpu", session_options=opts)
+    opt = onnx.load(tmp_path / "optimized.onnx", load_external_data=False).graph
+    if not [n for n in opt.node if n.domain == "com.microsoft.nchwc"]:
+        pytest.skip("onnxruntime uses no NCHWc layout on this CPU")
+    opt_producer = {o: n for n in opt.node for o in n.output}
+    nhwc_reads = [opt_producer.get(n.input[0]) for n in opt.node
+                  if n.op_type == "Greater" and n.input[0].endswith(".nhwc")]
+    assert len(nhwc_reads) == rewrites["relu_masks_nhwc"]
+    for src in nhwc_reads:
+        assert src is not None and src.op_type == "ReorderOutput", src
+        assert {a.name: a.i for a in src.attribute}.get("channels_last") == 1
+
+
 @pytest.mark.parametrize("name,k", [("resnet26", 4), ("wrn16_1", 2)])
 def test_other_zoo_models_export_with_matching_gradients(name, k, tmp_path):
     from export.ecotta import default_split
