@@ -253,7 +253,7 @@ def frozen_conv_outputs(graph: onnx.GraphProto) -> set[str]:
             frozen.update(outs)
             convs.update(outs)
         elif node.op_type in ("Mul", "Add") and len(ins) == 1 and len(node.input) == 2:
-            if ins[0] in convs and readers[ins[0]] == 1:  # a folded BatchNorm
+            if ins[0] in convs and readers[ins[0]] == 1:  # a frozen BatchNorm the export could not fold
                 frozen.update(outs)
                 convs.update(outs)
         elif node.op_type in ("Relu", "Add", "Sum", "MaxPool", "AveragePool", "BatchNormalization"):

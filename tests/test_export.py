@@ -208,6 +208,35 @@ def test_frozen_conv_masks_are_read_in_nhwc_order(tiny_bundle, tmp_path):
         assert {a.name: a.i for a in src.attribute}.get("channels_last") == 1
 
 
+def test_batchnorm_folds_only_into_a_conv_it_alone_reads():
+    """A conv output that something else also reads (here a second branch) keeps its BatchNorm."""
+    from export.bundle import fold_batchnorms_into_convs
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn_a = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+            self.b, self.bn_b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = torch.relu(self.bn_a(self.a(x)))
+            z = self.b(y)
+            return self.bn_b(z) + z
+
+    net = Net()
+    for bn in (net.bn_a, net.bn_b):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+        assert fold_batchnorms_into_convs(net, prefix="") == [("a", "bn_a")]
+        assert isinstance(net.bn_a, torch.nn.Identity) and isinstance(net.bn_b, torch.nn.BatchNorm2d)
+        assert torch.allclose(net(x), ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,k", [("resnet26", 4), ("wrn16_1", 2)])
 def test_other_zoo_models_export_with_matching_gradients(name, k, tmp_path):
     from export.ecotta import default_split
@@ -223,6 +252,19 @@ def test_other_zoo_models_export_with_matching_gradients(name, k, tmp_path):
     bundle = tmp_path / name
     manifest = export_bundle(ckpt, bundle)
     assert manifest["ecotta"]["k"] == k
+    # post-activation ResNets: every frozen BatchNorm follows a conv; WRNs: one per block, and the
+    # stem's where the first block's residual does not read the stem output (it has a shortcut conv)
+    blocks = create_model(name).blocks
+    wrn = len(blocks) + (blocks[0].shortcut is not None)
+    assert manifest["frozen"]["batchnorms_folded_into_convs"] == (28 if name == "resnet26" else wrn)
+    g = onnx.load(bundle / "training_model.onnx").graph
+    readers = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n.op_type)
+    only_read = {n.output[0] for n in g.node if n.op_type == "Conv" and "backbone" in n.input[1]
+                 and len(readers[n.output[0]]) == 1}  # in the forward pass (ConvTranspose needs none)
+    assert only_read and not [x for x in only_read if readers[x] == ["Mul"]]
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     loss, _, grads = _ort_loss_and_grads(bundle, x)
     t_loss, _, t_grads = _torch_loss_and_grads(torch_reference(ckpt), x, double=True)
