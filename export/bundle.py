@@ -262,8 +262,9 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                   momentum: float = 0.9, lam: float = 0.5, e0: float | None = None,
                   batch_size: int = 64, bn_momentum: float = 0.1, sparse_storage: bool = True,
                   export_batch: int = 2, profile: bool = True, lean: bool = True,
-                  portable: bool = True) -> dict[str, Any]:
-    """Write a device bundle for a warmed-up checkpoint; returns the manifest."""
+                  portable: bool = True, fold_batchnorms: bool = True) -> dict[str, Any]:
+    """Write a device bundle for a warmed-up checkpoint; returns the manifest.
+    ``lean``, ``portable`` and ``fold_batchnorms`` are on by default; off, for comparison."""
     import onnxruntime
     from onnxruntime.training import artifacts
 
@@ -273,7 +274,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
     num_classes = len(ckpt["class_names"])
     e0 = 0.4 * math.log(num_classes) if e0 is None else e0
     sparsity = sparsity_report(model.backbone)
-    folded = fold_batchnorms_into_convs(model)
+    folded = fold_batchnorms_into_convs(model) if fold_batchnorms else []
     freeze_batchnorms(model.backbone)
     model.train()
     size = ckpt.get("input_size", 32)
