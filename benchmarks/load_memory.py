@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,8 @@ def weights_bytes(bundle: Path) -> int:
     return int(sum(np.prod(d) for d in dense) * 4)
 
 
-def measure(kind: str, bundle: Path, prepack: bool, arm64: bool) -> int:
-    if arm64:
+def measure(kind: str, bundle: Path, prepack: bool, emulated: bool) -> int:
+    if emulated:
         cmd = ["qemu-aarch64-static", "-L", str(ARM / "sysroot"), str(ARM / "sysroot/usr/bin/python3.11")]
         env = dict(os.environ, PYTHONPATH=f"{ARM / 'site'}{os.pathsep}{ROOT}")
     else:
@@ -99,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             bundle = export_cached_bundle(ckpt, f"{model}_load_{'folded' if fold else 'unfolded'}",
                                           portable=True, fold_batchnorms=fold)
             weights = weights_bytes(bundle)
-            machines = ["x86_64"] + (["aarch64"] if a.arm64 else [])
+            machines = [platform.machine()] + (["aarch64"] if a.arm64 else [])
             for machine in machines:
                 for session, kind in SESSIONS.items():
-                    if machine == "aarch64" and kind == "module":
+                    if machine != machines[0] and kind == "module":  # no aarch64 build
                         continue
                     for prepack in (True, False):
-                        loaded = measure(kind, bundle, prepack, machine == "aarch64")
+                        loaded = measure(kind, bundle, prepack, emulated=machine != machines[0])
                         row = {"model": model, "machine": machine, "session": session,
                                "batchnorms_folded": fold, "prepacking": prepack,
                                "weights_mib": round(weights / mib, 1), "loaded_mib": round(loaded / mib, 1)}

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,17 @@ def test_compare_smoke(tmp_path):
         assert (out / name).stat().st_size > 0, name
     md = (out / "compare.md").read_text()
     assert "CoTTA" in md and "edgetta" in md
+
+
+def test_load_memory_measures_every_session(tmp_path):
+    """A tiny run of ``python -m benchmarks.load_memory``: one row per session, folding and
+    pre-packing setting, each session loaded in a fresh process."""
+    env = dict(os.environ, EDGETTA_BENCH_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "load_memory.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.load_memory", "--models", "wrn16_1", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(x["session"], x["batchnorms_folded"], x["prepacking"]) for x in rows} == {
+        (s, f, p) for s in ("inference", "training module", "portable step") for f in (False, True) for p in (False, True)}
+    assert all(x["machine"] == platform.machine() and x["loaded_mib"] > 0 and x["weights_mib"] > 0 for x in rows)
