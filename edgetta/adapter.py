@@ -82,8 +82,8 @@ class Adapter:
         opts.enable_mem_pattern = memory_arena
         # a frozen conv's weights are read by its forward Conv and by the backward ConvTranspose,
         # which pre-packs its own transposed copy; unpacked, it reads the shared one (same GEMM,
-        # transposed operand). Measured on aarch64: portable step of WRN-28-10 184 vs 311 MiB
-        # loaded; on x86-64 no change in memory or step time
+        # transposed operand). Measured on aarch64 (benchmarks/load_memory.py): portable step of
+        # WRN-28-10 172 vs 310 MiB loaded; on x86-64 no change in memory or step time
         opts.add_session_config_entry("session.disable_prepacking", "1")
         providers = [PROVIDERS[provider]]
         try:

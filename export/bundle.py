@@ -74,15 +74,21 @@ def fold_batchnorms_into_convs(model: nn.Module, prefix: str = "backbone.") -> l
     the (conv, BatchNorm) pairs. Found by tracing ``model`` with torch.fx, so a conv output that
     anything else reads (a meta network, a shortcut) is left alone.
 
-    Exported unfolded, the BatchNorm is a Mul/Add after the conv: onnxruntime fuses the Mul into
-    a second copy of the conv's weights for the forward pass while the backward ConvTranspose
-    reads the original, so every such conv's weights were held twice."""
+    Exported unfolded, the BatchNorm is a Mul/Add after the conv: where onnxruntime has no NCHWc
+    layout (ARM) it fuses the Mul into a second copy of the conv's weights for the forward pass
+    while the backward ConvTranspose reads the original. A model torch.fx cannot trace is
+    exported unfolded, with a warning."""
     from torch import fx
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     modules = dict(model.named_modules())
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as e:  # data-dependent control flow and the like
+        warnings.warn(f"BatchNorms not folded into convolutions: torch.fx cannot trace the model ({e})")
+        return []
     pairs = []
-    for node in fx.symbolic_trace(model).graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
             continue
         src = node.args[0]

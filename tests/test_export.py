@@ -236,6 +236,17 @@ def test_batchnorm_folds_only_into_a_conv_it_alone_reads():
         assert isinstance(net.bn_a, torch.nn.Identity) and isinstance(net.bn_b, torch.nn.BatchNorm2d)
         assert torch.allclose(net(x), ref, atol=1e-5)
 
+    class Branchy(torch.nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn_a = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn_a(self.a(x)) if x.sum() > 0 else x
+
+    with pytest.warns(UserWarning, match="not folded"):
+        assert fold_batchnorms_into_convs(Branchy().eval(), prefix="") == []
+
 
 @pytest.mark.parametrize("name,k", [("resnet26", 4), ("wrn16_1", 2)])
 def test_other_zoo_models_export_with_matching_gradients(name, k, tmp_path):
