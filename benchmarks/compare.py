@@ -165,7 +165,7 @@ def _edgetta_profile(bundle: Path, batch: int, one_step: bool = False) -> dict[s
         by_consumer[op] = by_consumer.get(op, 0.0) + t["bytes"] / MIB
     return {"activations_kept_mib": r["activations_kept"] / MIB,
             "static_step_mib": (r["activations_kept"] + r["workspace"]) / MIB,
-            "analytic_mib": (r["total"] - r["workspace"]) / MIB,
+            "analytic_mib": (r["total"] - r["workspace"] - r["parameters_frozen_second_layout"]) / MIB,
             "kept_by_consumer_mib": dict(sorted(by_consumer.items(), key=lambda kv: -kv[1])), **measured}
 
 

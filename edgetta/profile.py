@@ -256,6 +256,18 @@ def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> 
     return int(live.max()) if end else 0, live.tolist()
 
 
+def _second_layout_elems(train: GraphFacts, trainable: set[str]) -> int:
+    """Frozen weights that a backward conv reads. On x86-64 onnxruntime runs the forward
+    convolutions in its blocked NCHWc layout, on a reordered copy of their weights, while
+    ``ConvTranspose`` (``ConvGrad`` in a generated graph) reads the original: measured, the
+    training session holds those weights twice (benchmarks/load_memory.py). Elsewhere, with
+    pre-packing off, both read one copy."""
+    weight_input = {"ConvTranspose": 1, "ConvGrad": 2}
+    read = {n.input[weight_input[n.op_type]] for n in train.nodes
+            if n.op_type in weight_input and len(n.input) > weight_input[n.op_type]}
+    return int(sum(train.params.get(w, 0) for w in read - trainable))
+
+
 def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None = None,
             train: GraphFacts | None = None, infer: GraphFacts | None = None) -> dict[str, Any]:
     """Static memory breakdown of one adaptation step and of inference, in bytes."""
@@ -293,7 +305,9 @@ def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None =
     by_need = {k: sum(r["bytes"] for r in kept if r["need"] == k) for k in ("needed", "sign mask", "not needed")}
     frozen_bytes = frozen_elems * fb
     adaptation = {
-        "parameters_frozen": frozen_bytes, "parameters_trainable": params_trainable,
+        "parameters_frozen": frozen_bytes,
+        "parameters_frozen_second_layout": _second_layout_elems(train, trainable) * fb if target.arch == "x86_64" else 0,
+        "parameters_trainable": params_trainable,
         "running_stats": buffers, "gradients": grads, "optimizer_state": optimizer,
         "activations_kept": kept_bytes, "workspace": max(peak - kept_bytes, 0),
     }

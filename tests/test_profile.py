@@ -35,6 +35,21 @@ def test_static_estimate_agrees_with_measured_peak(facts, batch):
     assert 0.85 * static < measured < 1.15 * static + 4 * MIB, (static / MIB, measured / MIB)
 
 
+def test_x86_counts_the_weights_backward_convs_read_twice(facts):
+    """On x86-64 the forward convs run on NCHWc-reordered weights and the backward ConvTranspose
+    reads the original layout: the frozen weights it reads are counted a second time there, and
+    nowhere else (with pre-packing off, ARM holds one copy)."""
+    bundle, train, infer = facts
+    x86 = analyse(bundle, get_target("x86-64"), 16, train=train, infer=infer)["adaptation"]
+    arm = analyse(bundle, get_target("rpi4-4gb"), 16, train=train, infer=infer)["adaptation"]
+    backward = {n.input[1] for n in train.nodes if n.op_type == "ConvTranspose"}
+    meta = set(bundle.manifest["trainable"])
+    expected = 4 * sum(v for k, v in train.params.items() if k in backward and k not in meta)
+    assert 0 < x86["parameters_frozen_second_layout"] == expected < x86["parameters_frozen"]
+    assert arm["parameters_frozen_second_layout"] == 0
+    assert x86["total"] - arm["total"] == expected
+
+
 def test_generated_graph_estimate_is_an_upper_bound(generated_bundle):
     """For onnxruntime-training's own graph the static figure is conservative: its priority-based
     execution order runs each regularizer term's gradient before the forward pass ends (the loss
