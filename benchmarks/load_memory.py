@@ -30,23 +30,19 @@ from benchmarks.common import RESULTS, ROOT, export_cached_bundle, merge_json, u
 
 ARM = Path(os.environ.get("EDGETTA_ARM64_ROOT", "/opt/edgetta-arm64"))
 
-# one session in a fresh process, allocator and session settings as the Adapter's; plain
-# onnxruntime, or onnxruntime-training's Module
+# one session in a fresh process, with the Adapter's allocator and session settings (pre-packing
+# as asked); plain onnxruntime, or onnxruntime-training's Module
 CHILD = r"""
 import json, sys
 kind, path, prepack = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
-from edgetta.adapter import _return_freed_memory_to_the_os
+from edgetta.adapter import _return_freed_memory_to_the_os, session_options
 _return_freed_memory_to_the_os()  # as the Adapter does
 import onnxruntime as ort
 ort.set_default_logger_severity(3)
-opts = ort.SessionOptions()
-opts.enable_cpu_mem_arena = False
-opts.enable_mem_pattern = False
-if not prepack:
-    opts.add_session_config_entry("session.disable_prepacking", "1")
+opts = session_options(prepacking=prepack)
 if kind == "module":
     from edgetta._ort import training_api
     api = training_api()
@@ -63,11 +59,9 @@ SESSIONS = {"inference": "inference.onnx", "training module": "module", "portabl
 
 
 def weights_bytes(bundle: Path) -> int:
-    import numpy as np
     import onnx
-    g = onnx.load(bundle / "inference.onnx").graph
-    dense = [t.dims for t in g.initializer] + [t.dims for t in g.sparse_initializer]
-    return int(sum(np.prod(d) for d in dense) * 4)
+    from edgetta.profile import _init_elems  # dense and sparse initializers alike
+    return 4 * sum(_init_elems(onnx.load(bundle / "inference.onnx").graph).values())
 
 
 def measure(kind: str, bundle: Path, prepack: bool, emulated: bool) -> int:

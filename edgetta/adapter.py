@@ -37,6 +37,28 @@ def _return_freed_memory_to_the_os(threshold: int = 1 << 16) -> None:
         pass
 
 
+def session_options(memory_arena: bool = False, prepacking: bool = False) -> Any:
+    """onnxruntime session settings for adaptation, each measured (the defaults are edgetta's)."""
+    ort = onnxruntime()
+    opts = ort.SessionOptions()
+    # priority-based order runs each gradient node as soon as it can, freeing forward
+    # tensors earlier than the default order (measured lower peak, same speed)
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    # onnxruntime's CPU arena grows in powers of two: measured, it doubles the peak RSS
+    # of an adaptation step for no speed gain, so it is off unless asked for
+    opts.enable_cpu_mem_arena = memory_arena
+    # onnxruntime's memory pattern preallocates one block per planned layout; without it
+    # tensors are allocated as they are made (measured, batch 64: 146 vs 157 MiB per step)
+    opts.enable_mem_pattern = memory_arena
+    if not prepacking:
+        # a frozen conv's weights are read by its forward Conv and by the backward ConvTranspose,
+        # which pre-packs its own transposed copy; unpacked, it reads the shared one (same GEMM,
+        # transposed operand). Measured on aarch64 (benchmarks/load_memory.py): portable step of
+        # WRN-28-10 172 vs 310 MiB loaded; on x86-64 no change in memory or step time
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    return opts
+
+
 class Adapter:
     """Predict-and-adapt on one bundle. ``engine`` picks what runs the adaptation step:
     ``"ort-training"`` (onnxruntime-training's Module on the bundle's training graph) or
@@ -70,21 +92,7 @@ class Adapter:
         self._stat_of: dict[str, str] = dict(m["running_stats"])
         self._ort_optimizer = None
         _return_freed_memory_to_the_os()
-        opts = ort.SessionOptions()
-        # priority-based order runs each gradient node as soon as it can, freeing forward
-        # tensors earlier than the default order (measured lower peak, same speed)
-        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        # onnxruntime's CPU arena grows in powers of two: measured, it doubles the peak RSS
-        # of an adaptation step for no speed gain, so it is off unless asked for
-        opts.enable_cpu_mem_arena = memory_arena
-        # onnxruntime's memory pattern preallocates one block per planned layout; without it
-        # tensors are allocated as they are made (measured, batch 64: 146 vs 157 MiB per step)
-        opts.enable_mem_pattern = memory_arena
-        # a frozen conv's weights are read by its forward Conv and by the backward ConvTranspose,
-        # which pre-packs its own transposed copy; unpacked, it reads the shared one (same GEMM,
-        # transposed operand). Measured on aarch64 (benchmarks/load_memory.py): portable step of
-        # WRN-28-10 172 vs 310 MiB loaded; on x86-64 no change in memory or step time
-        opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts = session_options(memory_arena)
         providers = [PROVIDERS[provider]]
         try:
             self._session = ort.InferenceSession(str(bundle.file("inference.onnx")), opts,
