@@ -26,7 +26,7 @@ def continual_stream(per_type: int, severity: int = 5, seed: int = 0) -> Path:
     stream's recipe: at 200 per type, severity 5, seed 0 it is the demo stream). Cached."""
     path = CACHE / f"stream_continual_{per_type}_s{severity}_seed{seed}.npz"
     if not path.exists():
-        from export.demo_stream import build
+        from edgetta_export.demo_stream import build
         s = build(per_type, severity, seed)
         _save(path, images=s["images"], labels=s["labels"].astype(np.int64), domains=s["domains"],
               domain_names=s["domain_names"], severities=np.full(len(s["images"]), severity, np.int8),
@@ -39,8 +39,8 @@ def gradual_stream(per_segment: int, seed: int = 0) -> Path:
     """CoTTA's gradual setting: within each corruption type (standard order) the severity goes
     1, 2, 3, 4, 5, 4, 3, 2, 1 before the next type; ``per_segment`` distinct images per
     (type, severity) segment. Cached."""
-    from export import datasets
-    from export.corruptions import CORRUPTIONS, corrupt
+    from edgetta_export import datasets
+    from edgetta_export.corruptions import CORRUPTIONS, corrupt
 
     path = CACHE / f"stream_gradual_{per_segment}_seed{seed}.npz"
     if path.exists():
@@ -76,10 +76,10 @@ def untrained_checkpoint(model_name: str, sparsity: float = 0.8, seed: int = 0) 
     """An untrained checkpoint of any zoo model (ERK-pruned like the default model, meta
     networks attached) for memory measurements, where the weights' values do not matter."""
     import torch
-    from export import checkpoint
-    from export.ecotta import EcoTTAModel, default_split
-    from export.models import CONFIGS, create_model
-    from export.pruning import apply_masks, layer_densities, random_masks
+    from edgetta_export import checkpoint
+    from edgetta_export.ecotta import EcoTTAModel, default_split
+    from edgetta_export.models import CONFIGS, create_model
+    from edgetta_export.pruning import apply_masks, layer_densities, random_masks
 
     torch.manual_seed(seed)
     backbone = create_model(model_name)
@@ -103,7 +103,7 @@ def untrained_checkpoint(model_name: str, sparsity: float = 0.8, seed: int = 0) 
 def export_cached_bundle(ckpt: dict[str, Any], name: str, **kwargs: Any) -> Path:
     """Export ``ckpt`` once to ``CACHE/bundles/name`` (kept while the checkpoint's key
     facts and the export options are the same)."""
-    from export.bundle import export_bundle
+    from edgetta_export.bundle import export_bundle
 
     out = CACHE / "bundles" / name
     exporter = hashlib.sha256(b"".join((ROOT / "export" / f).read_bytes()

@@ -79,8 +79,8 @@ def _memory_bundle(model: str, default_bundle: Path, lean: bool = True) -> Path:
     if model == "default" and lean:
         return default_bundle
     if model == "default":
-        from export import checkpoint
-        from export.bundle import DEFAULT_CHECKPOINT
+        from edgetta_export import checkpoint
+        from edgetta_export.bundle import DEFAULT_CHECKPOINT
         return export_cached_bundle(checkpoint.load(DEFAULT_CHECKPOINT), "default_generated", lean=False)
     return export_cached_bundle(untrained_checkpoint(model), f"{model}_untrained" + ("" if lean else "_generated"),
                                 **({} if lean else {"lean": False}))
@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         data["sparsity"]["command"] = command
     jobs_suites = [s for s in a.suites if s != "sparsity"]
     if jobs_suites:
-        from export import checkpoint
-        from export.bundle import DEFAULT_CHECKPOINT
+        from edgetta_export import checkpoint
+        from edgetta_export.bundle import DEFAULT_CHECKPOINT
         ckpt_path = str(Path(a.checkpoint or DEFAULT_CHECKPOINT).resolve())
         bundle = export_cached_bundle(checkpoint.load(ckpt_path), "default" if a.checkpoint is None
                                       else Path(ckpt_path).stem)
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_job(args, a.threads, a.timeout)
             if "failed" in result and key[0] == "memory":
                 # a crash (seen: PyTorch 2.13's CPU backward segfaults for EcoTTA on ResNet-50 with
-                # channels-last input, which export.train.to_tensor gives): run it again with a
+                # channels-last input, which edgetta_export.train.to_tensor gives): run it again with a
                 # contiguous input, say so
                 retry = run_job(args + ["--contiguous-input"], a.threads, a.timeout)
                 if "failed" not in retry:

@@ -18,8 +18,8 @@ import numpy as np
 
 from edgetta import Adapter
 from edgetta.cli import run_stream
-from export import datasets
-from export.corruptions import CORRUPTIONS, corrupt
+from edgetta_export import datasets
+from edgetta_export.corruptions import CORRUPTIONS, corrupt
 
 
 def validation_stream(per_type: int, severity: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

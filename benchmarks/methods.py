@@ -16,7 +16,7 @@ for that batch (from before its update, as in the papers).
                    teacher's soft pseudo-label; Adam lr 1e-3 on all weights; after every step
                    each weight element is restored to its source value with probability 0.01
                    (Wang et al., CVPR 2022, CIFAR settings).
-- ``ecotta_torch`` EcoTTA (Song et al., CVPR 2023) with ``export.ecotta``: only meta networks
+- ``ecotta_torch`` EcoTTA (Song et al., CVPR 2023) with ``edgetta_export.ecotta``: only meta networks
                    train, SGD momentum 0.9, the bundle's learning rate.
 
 The device path (``edgetta``, onnxruntime-training) is not here: ``run_method`` runs it in a
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.bundle import build_model
-from export.checkpoint import build_backbone
-from export.ecotta import ecotta_loss, entropy
+from edgetta_export.bundle import build_model
+from edgetta_export.checkpoint import build_backbone
+from edgetta_export.ecotta import ecotta_loss, entropy
 
 METHODS = ("source", "source_meta", "bn_adapt", "tent", "cotta", "ecotta_torch")
 

@@ -52,7 +52,7 @@ def render(data: dict) -> str:
             "The PyTorch methods are written for this benchmark from their papers (`benchmarks/methods.py`): "
             "BN-adapt (test-batch statistics), TENT (BN affine, entropy, Adam 1e-3), CoTTA (EMA teacher "
             "0.999, 32 augmentations when the source anchor's confidence is below 0.92, stochastic restore "
-            "p = 0.01, all weights trained, Adam 1e-3), EcoTTA in PyTorch (`export.ecotta`, the bundle's "
+            "p = 0.01, all weights trained, Adam 1e-3), EcoTTA in PyTorch (`edgetta_export.ecotta`, the bundle's "
             "SGD settings); edgetta is the bundle on onnxruntime-training in a process where `import torch` "
             "fails. Source, BN-adapt, TENT and CoTTA start from the trained backbone; EcoTTA (both) from "
             "the same backbone with its warmed-up meta networks, as the paper deploys it.", ""]

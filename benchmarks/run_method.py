@@ -87,8 +87,8 @@ class TorchRunner:
         torch.set_num_threads(a.threads)
         torch.manual_seed(a.seed)
         from benchmarks.methods import create
-        from export import checkpoint
-        from export.train import to_tensor
+        from edgetta_export import checkpoint
+        from edgetta_export.train import to_tensor
 
         self.torch = torch
         if a.model:
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cotta-augmentations", type=int, default=None)
     p.add_argument("--no-adapt", action="store_true", help="edgetta: inference only (adapt=False)")
     p.add_argument("--contiguous-input", action="store_true",
-                   help="torch methods: NCHW-contiguous input instead of export.train.to_tensor's channels-last "
+                   help="torch methods: NCHW-contiguous input instead of edgetta_export.train.to_tensor's channels-last "
                         "strides (PyTorch 2.13's CPU backward segfaults for EcoTTA on ResNet-50 at 224x224 with "
                         "channels-last input)")
     p.add_argument("--malloc", default="auto", choices=["auto", "pinned", "default"],
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.stream and not a.random_steps:
         p.error("give --stream or --random-steps")
     if a.checkpoint is None and a.model is None and a.method != "edgetta":
-        from export.bundle import DEFAULT_CHECKPOINT
+        from edgetta_export.bundle import DEFAULT_CHECKPOINT
         a.checkpoint = str(DEFAULT_CHECKPOINT)
     if a.malloc == "pinned":
         pin_mmap_threshold()

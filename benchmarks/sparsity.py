@@ -4,8 +4,8 @@
     python -m benchmarks.sparsity --smoke
 
 For each backbone (WRN-16-2, dense or randomly pruned at initialization): a SHORT training
-(``export.train.train``: ``--epochs`` on the first ``--train-images`` training images; the
-built-in model had 5 full epochs), a short meta-network warm-up (``export.warmup.warmup``),
+(``edgetta_export.train.train``: ``--epochs`` on the first ``--train-images`` training images; the
+built-in model had 5 full epochs), a short meta-network warm-up (``edgetta_export.warmup.warmup``),
 then: clean test error (10,000 images), error on the corrupted continual stream (severity 5,
 ``--per-type`` per type) without adaptation (source backbone) and with edgetta, the bundle's
 size (``export_bundle``, sparse storage where a layer is at most 50% dense), and the time of
@@ -36,7 +36,7 @@ CONFIGS = (("dense", "dense", 0.0), ("uniform 50%", "uniform", 0.5), ("uniform 8
 def train_and_warm(scheme: str, sparsity: float, epochs: float, train_images: int, warmup_epochs: float,
                    warmup_images: int, seed: int) -> tuple[Path, dict[str, Any]]:
     """A trained, warmed-up checkpoint (cached)."""
-    from export import checkpoint, train, warmup
+    from edgetta_export import checkpoint, train, warmup
 
     tag = f"wrn16_2_{scheme}{int(round(sparsity * 100))}_e{epochs}_n{train_images}_w{warmup_epochs}_{warmup_images}_s{seed}"
     path = CACHE / "sparsity" / f"{tag}.pt"

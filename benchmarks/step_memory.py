@@ -17,8 +17,8 @@ from pathlib import Path
 from edgetta.bundle import Bundle
 from edgetta.profile import MIB, analyse, measure_step
 from edgetta.targets import get_target
-from export import checkpoint
-from export.bundle import DEFAULT_CHECKPOINT, export_bundle
+from edgetta_export import checkpoint
+from edgetta_export.bundle import DEFAULT_CHECKPOINT, export_bundle
 
 
 def main(argv: list[str] | None = None) -> int:

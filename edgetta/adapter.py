@@ -150,7 +150,7 @@ class Adapter:
         Adapt on batches: the meta BatchNorms use the batch's statistics, which a single frame
         cannot supply (``StreamingAdapter`` predicts frames one by one and adapts on batches)."""
         x = self.preprocess(frames, color_order)
-        return self._adapt(x) if adapt else self.predict_tensor(x)
+        return self.adapt(x) if adapt else self.predict_tensor(x)
 
     def predict_tensor(self, x: np.ndarray) -> np.ndarray:
         t = time.perf_counter()
@@ -160,7 +160,9 @@ class Adapter:
         self.timings["predict_ms"].append((time.perf_counter() - t) * 1e3)
         return logits
 
-    def _adapt(self, x: np.ndarray) -> np.ndarray:
+    def adapt(self, x: np.ndarray) -> np.ndarray:
+        """One adaptation step on a preprocessed NCHW float32 batch; returns the logits the
+        batch got before the step (tent's ``forward_and_adapt``)."""
         t = time.perf_counter()
         outs = self._step_portable(x) if self.engine == "onnx" else self._step_ort_training(x)
         m = self.bn_momentum

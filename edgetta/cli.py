@@ -32,8 +32,8 @@ def _progress(iterable, total: int, desc: str, enabled: bool = True):
 
 def cmd_export(a: argparse.Namespace) -> int:
     try:
-        from export import bundle as host_bundle
-        from export import checkpoint as ckpt_io
+        from edgetta_export import bundle as host_bundle
+        from edgetta_export import checkpoint as ckpt_io
     except ImportError as e:
         print(f"error: {EXPORT_HINT}\n(missing module: {e.name})", file=sys.stderr)
         return 2
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a warmed-up checkpoint to a device bundle (host)")
     e.add_argument("--checkpoint", default=None,
-                   help="host checkpoint from 'python -m export.warmup' (default: the built-in "
+                   help="host checkpoint from 'python -m edgetta_export.warmup' (default: the built-in "
                         "ERK-pruned WRN-16-2 trained on Fashion-MNIST)")
     e.add_argument("--out", default="bundles/default", help="bundle folder to write")
     e.add_argument("--lr", type=float, default=0.005, help="adaptation learning rate")

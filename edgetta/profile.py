@@ -364,7 +364,7 @@ rss_loaded = proc.memory_info().rss
 hwm_loaded = hwm()
 t = time.perf_counter()
 for _ in range(steps):
-    a._adapt(x)
+    a.adapt(x)
 step_ms = (time.perf_counter() - t) * 1e3 / steps
 hwm_step = hwm()
 t = time.perf_counter()

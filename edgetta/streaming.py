@@ -176,7 +176,7 @@ class StreamingAdapter:
         self._buffer = []
         t = time.perf_counter()
         try:
-            self.adapter._adapt(x)  # the frames are preprocessed already
+            self.adapter.adapt(x)  # the frames are preprocessed already
         except FloatingPointError:  # non-finite loss: the adapter left its state unchanged
             self.adapt_errors += 1
             return False

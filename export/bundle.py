@@ -258,7 +258,7 @@ def build_model(ckpt: dict[str, Any]) -> EcoTTAModel:
     """The warmed-up EcoTTA model held by a host checkpoint."""
     backbone: Backbone = ckpt_io.build_backbone(ckpt)
     if "meta_state_dict" not in ckpt:
-        raise ValueError("checkpoint has no meta networks: run 'python -m export.warmup' on it first")
+        raise ValueError("checkpoint has no meta networks: run 'python -m edgetta_export.warmup' on it first")
     model = EcoTTAModel(backbone, ckpt["split"])
     model.metas.load_state_dict(ckpt["meta_state_dict"])
     return model

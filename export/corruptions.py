@@ -15,7 +15,7 @@ Random draws come from ``np.random.default_rng([seed, corruption index, severity
 for the whole batch at once, so an image corrupted inside a batch gets different noise than the
 same image corrupted alone; for fixed (images, name, severity, seed) the output is bit-identical.
 
-CLI: ``python -m export.corruptions grid --out PATH [--npy IMAGES.npy]``.
+CLI: ``python -m edgetta_export.corruptions grid --out PATH [--npy IMAGES.npy]``.
 """
 from __future__ import annotations
 
@@ -627,7 +627,7 @@ def save_grid(images: np.ndarray, path: str | os.PathLike,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m export.corruptions",
+    parser = argparse.ArgumentParser(prog="python -m edgetta_export.corruptions",
                                      description="CIFAR-10-C corruptions (numpy/scipy/OpenCV)")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grid", help="write a PNG grid of every corruption at every severity")

@@ -1,7 +1,7 @@
 """Build the built-in demo stream: Fashion-MNIST test images (as 32x32x3), corrupted with the
 15 CIFAR-10-C types at one severity, in the standard continual order.
 
-    python -m export.demo_stream --per-type 200 --severity 5 --out edgetta/data/demo_stream.npz
+    python -m edgetta_export.demo_stream --per-type 200 --severity 5 --out edgetta/data/demo_stream.npz
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def build(per_type: int, severity: int, seed: int, data_root: str | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.demo_stream", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m edgetta_export.demo_stream", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-type", type=int, default=200)
     p.add_argument("--severity", type=int, default=5)

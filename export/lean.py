@@ -107,7 +107,7 @@ def merge_stop_gradient_twins(training: onnx.ModelProto) -> int:
         return consts.get(name, name)
 
     def stop_gradient_source(node: onnx.NodeProto) -> str | None:
-        # x * 2**40 -> int64 -> float -> * 2**-40  (export.ecotta.stop_gradient)
+        # x * 2**40 -> int64 -> float -> * 2**-40  (edgetta_export.ecotta.stop_gradient)
         if node.op_type != "Mul" or len(node.input) != 2:
             return None
         a, c = node.input

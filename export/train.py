@@ -1,6 +1,6 @@
 """Train a source model, sparse from the start (random pruning at initialization).
 
-    python -m export.train --model wrn16_2 --scheme erk --sparsity 0.8 --epochs 6 \
+    python -m edgetta_export.train --model wrn16_2 --scheme erk --sparsity 0.8 --epochs 6 \
         --out runs/wrn16_2_erk80.pt
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def train(model_name: str, scheme: str, sparsity: float, epochs: int, batch: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m edgetta_export.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="wrn16_2", choices=sorted(CONFIGS))
     p.add_argument("--scheme", default="erk", choices=SCHEMES)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     result = train(a.model, a.scheme, a.sparsity, a.epochs, a.batch, a.lr, a.weight_decay,
                    a.seed, a.dataset, a.data_root, a.limit)
-    result["command"] = "python -m export.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python -m edgetta_export.train " + " ".join(argv if argv is not None else sys.argv[1:])
     checkpoint.save(a.out, result)
     print(format_report(result["sparsity_report"]))
     print(json.dumps({"out": a.out, "test_accuracy": result["test_accuracy"],

@@ -1,6 +1,6 @@
 """Warm up EcoTTA's meta networks on source data, with the backbone frozen.
 
-    python -m export.warmup runs/wrn16_2_erk80.pt --out export/weights/wrn16_2_erk80_k4.pt
+    python -m edgetta_export.warmup runs/wrn16_2_erk80.pt --out export/weights/wrn16_2_erk80_k4.pt
 
 Cross-entropy, SGD with momentum, light colour / blur / greyscale augmentation. The result is
 the host checkpoint that ``edgetta export`` turns into a device bundle.
@@ -95,9 +95,9 @@ def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.warmup", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m edgetta_export.warmup", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a trained source checkpoint (python -m export.train)")
+    p.add_argument("checkpoint", help="a trained source checkpoint (python -m edgetta_export.train)")
     p.add_argument("--k", type=int, default=4, help="number of parts / meta networks")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch", type=int, default=128)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     result = warmup(checkpoint.load(a.checkpoint), a.k, a.epochs, a.batch, a.lr, a.seed,
                     a.data_root, a.limit)
-    result["warmup"]["command"] = "python -m export.warmup " + " ".join(
+    result["warmup"]["command"] = "python -m edgetta_export.warmup " + " ".join(
         argv if argv is not None else sys.argv[1:])
     checkpoint.save(a.out, result)
     print(json.dumps({"out": a.out, **{k: v for k, v in result["warmup"].items() if k != "command"}}))

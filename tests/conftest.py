@@ -12,12 +12,12 @@ def make_checkpoint(model_name: str = "wrn16_1", sparsity: float = 0.8, seed: in
                     cold: bool = False) -> dict:
     """A small untrained checkpoint with ERK masks and (unless cold) non-trivial meta nets."""
     import torch
-    from export import checkpoint
-    from export.ecotta import EcoTTAModel, default_split
-    from export.pruning import apply_masks, layer_densities, random_masks
+    from edgetta_export import checkpoint
+    from edgetta_export.ecotta import EcoTTAModel, default_split
+    from edgetta_export.pruning import apply_masks, layer_densities, random_masks
 
     torch.manual_seed(seed)
-    from export.models import create_model
+    from edgetta_export.models import create_model
     backbone = create_model(model_name)
     masks = random_masks(backbone, layer_densities(backbone, 1 - sparsity, "erk"), seed)
     apply_masks(backbone, masks)
@@ -50,7 +50,7 @@ def tiny_ckpt():
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_ckpt, tmp_path_factory):
-    from export.bundle import export_bundle
+    from edgetta_export.bundle import export_bundle
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     export_bundle(tiny_ckpt, out)
     return out
@@ -58,8 +58,8 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_bundle(tmp_path_factory):
-    from export import checkpoint
-    from export.bundle import DEFAULT_CHECKPOINT, export_bundle
+    from edgetta_export import checkpoint
+    from edgetta_export.bundle import DEFAULT_CHECKPOINT, export_bundle
     out = tmp_path_factory.mktemp("bundles") / "default"
     export_bundle(checkpoint.load(DEFAULT_CHECKPOINT), out)
     return out

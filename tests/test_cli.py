@@ -40,8 +40,8 @@ def test_default_bundle_matches_torch_and_source_accuracy(default_bundle):
     import torch
 
     from edgetta.streams import load_stream
-    from export import checkpoint
-    from export.bundle import DEFAULT_CHECKPOINT, build_model
+    from edgetta_export import checkpoint
+    from edgetta_export.bundle import DEFAULT_CHECKPOINT, build_model
     from edgetta.preprocess import preprocess
 
     manifest = json.loads((default_bundle / "manifest.json").read_text())

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import zoom as scipy_zoom
 
-from export import corruptions as C
-from export.corruptions import CORRUPTIONS, corrupt, corrupt_dataset, save_grid
+from edgetta_export import corruptions as C
+from edgetta_export.corruptions import CORRUPTIONS, corrupt, corrupt_dataset, save_grid
 
 # every type except the purely deterministic ones draws random numbers
 RANDOM_TYPES = ("gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur",

@@ -3,7 +3,7 @@ import pickle
 import numpy as np
 import pytest
 
-from export import datasets
+from edgetta_export import datasets
 
 
 def test_fashion_mnist_as_cifar_shape():

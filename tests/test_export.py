@@ -6,8 +6,8 @@ import onnx
 import pytest
 import torch
 
-from export.bundle import build_model, export_bundle, freeze_batchnorms
-from export.ecotta import ecotta_loss
+from edgetta_export.bundle import build_model, export_bundle, freeze_batchnorms
+from edgetta_export.ecotta import ecotta_loss
 from tests.conftest import make_checkpoint
 
 
@@ -41,7 +41,7 @@ def _ort_loss_and_grads(bundle, x):
 def _torch_loss_and_grads(model, x, detach=True, lam=0.5, e0=0.4 * np.log(10), double=False):
     """Loss, logits and meta gradients of torch; ``double`` runs it in float64, the exact
     reference (torch's own float32 conv backward is off by up to ~1e-3 where sums cancel)."""
-    import export.ecotta as eco
+    import edgetta_export.ecotta as eco
     if double:
         model = model.double()
     model.train()
@@ -210,7 +210,7 @@ def test_frozen_conv_masks_are_read_in_nhwc_order(tiny_bundle, tmp_path):
 
 def test_batchnorm_folds_only_into_a_conv_it_alone_reads():
     """A conv output that something else also reads (here a second branch) keeps its BatchNorm."""
-    from export.bundle import fold_batchnorms_into_convs
+    from edgetta_export.bundle import fold_batchnorms_into_convs
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -250,14 +250,14 @@ def test_batchnorm_folds_only_into_a_conv_it_alone_reads():
 
 @pytest.mark.parametrize("name,k", [("resnet26", 4), ("wrn16_1", 2)])
 def test_other_zoo_models_export_with_matching_gradients(name, k, tmp_path):
-    from export.ecotta import default_split
-    from export.models import create_model
+    from edgetta_export.ecotta import default_split
+    from edgetta_export.models import create_model
     ckpt = make_checkpoint(name)
     if k != 4:
         ckpt["split"] = default_split(len(create_model(name).blocks), k)
         # fresh meta networks for the other split
-        from export.ecotta import EcoTTAModel
-        from export import checkpoint
+        from edgetta_export.ecotta import EcoTTAModel
+        from edgetta_export import checkpoint
         m = EcoTTAModel(checkpoint.build_backbone(ckpt), ckpt["split"])
         ckpt["meta_state_dict"] = m.metas.state_dict()
     bundle = tmp_path / name
@@ -332,7 +332,7 @@ def test_zoo_gradients_of_lean_and_portable_graphs_match_torch(name, tmp_path):
     The untrained nets are unconfident on noise, so the entropy threshold E0 is raised above
     log(classes): every sample then counts.
     """
-    from export.models import CONFIGS
+    from edgetta_export.models import CONFIGS
     ckpt = make_checkpoint(name)
     size = CONFIGS[name].input_size
     ckpt["input_size"] = size

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from export.ecotta import EcoTTAModel, default_split
-from export.models import CONFIGS, create_model
+from edgetta_export.ecotta import EcoTTAModel, default_split
+from edgetta_export.models import CONFIGS, create_model
 
 
 @pytest.mark.parametrize("name", ["wrn16_1", "wrn16_2", "wrn40_2", "resnet26"])

@@ -76,9 +76,9 @@ def test_zoo_estimate_agrees_with_measured_peak(name, tmp_path):
     stays within 15% of the static estimate. (ResNet-50 measured 13-20% above it before the
     masks of frozen convs were taken in NHWC order: onnxruntime's x86 NCHWc layout then held
     each blocked conv output until a late reorder ran.)"""
-    from export.bundle import export_bundle
+    from edgetta_export.bundle import export_bundle
     from tests.conftest import make_checkpoint
-    from export.models import CONFIGS
+    from edgetta_export.models import CONFIGS
     ckpt = make_checkpoint(name)
     ckpt["input_size"] = CONFIGS[name].input_size
     export_bundle(ckpt, tmp_path / name, profile=False, portable=False)
@@ -93,7 +93,7 @@ def test_zoo_estimate_agrees_with_measured_peak(name, tmp_path):
 @pytest.fixture(scope="module")
 def generated_bundle(tiny_ckpt, tmp_path_factory):
     """The same model with onnxruntime-training's graph as generated (no lean rewrite)."""
-    from export.bundle import export_bundle
+    from edgetta_export.bundle import export_bundle
     out = tmp_path_factory.mktemp("gen") / "generated"
     export_bundle(tiny_ckpt, out, lean=False, profile=False)
     return out

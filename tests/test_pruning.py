@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.models import CONFIGS, create_model
-from export.pruning import (SCHEMES, apply_masks, layer_densities, prunable_layers, random_masks,
+from edgetta_export.models import CONFIGS, create_model
+from edgetta_export.pruning import (SCHEMES, apply_masks, layer_densities, prunable_layers, random_masks,
                             sparsity_report, total_density)
 
 
@@ -90,7 +90,7 @@ def test_train_script_writes_a_sparse_checkpoint(tmp_path):
             f.write(bytes([0, 0, 8, 3]) + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + images.tobytes())
         with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
             f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.tobytes())
-    from export import checkpoint, train
+    from edgetta_export import checkpoint, train
     out = tmp_path / "m.pt"
     assert train.main(["--model", "wrn16_1", "--epochs", "1", "--batch", "32", "--sparsity", "0.8",
                        "--data-root", str(root), "--out", str(out)]) == 0
