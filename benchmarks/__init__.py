@@ -1,4 +1,5 @@
 """Benchmarks: scripts that print numbers and write reports to ``benchmarks/results/``.
 
-Run them from the repository root as modules (``python -m benchmarks.compare``) or as scripts.
+Run them as modules from the repository root (``python -m benchmarks.compare``);
+``python -m benchmarks.report`` turns ``compare.json`` into ``docs/benchmarks.md`` and the plots.
 """

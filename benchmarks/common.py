@@ -1,19 +1,26 @@
 """What the benchmark scripts share: paths, the cached corrupted streams, untrained checkpoints
-for memory runs, and the default bundle. Importing this module does not import torch."""
+for memory runs, the cached bundles, JSON reports, and running ``benchmarks.run_method`` in a
+fresh process. Importing this module does not import torch.
+
+Run the benchmarks as modules from the repository root (``python -m benchmarks.compare``)."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
+from edgetta.errors import EdgettaError
+from edgetta.system import atomic_write, write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("EDGETTA_BENCH_CACHE", ROOT / ".cache" / "benchmarks"))
@@ -22,16 +29,11 @@ GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 
 def continual_stream(per_type: int, severity: int = 5, seed: int = 0) -> Path:
     """Fashion-MNIST test images, the 15 corruption types in the standard order at one
-    severity, ``per_type`` distinct images each, no reset between types (the built-in demo
-    stream's recipe: at 200 per type, severity 5, seed 0 it is the demo stream). Cached."""
+    severity, ``per_type`` distinct images each, no reset between types (at 200 per type,
+    severity 5, seed 0 it is the built-in demo stream). Cached."""
     path = CACHE / f"stream_continual_{per_type}_s{severity}_seed{seed}.npz"
     if not path.exists():
-        from edgetta_export.demo_stream import build
-        s = build(per_type, severity, seed)
-        _save(path, images=s["images"], labels=s["labels"].astype(np.int64), domains=s["domains"],
-              domain_names=s["domain_names"], severities=np.full(len(s["images"]), severity, np.int8),
-              description=np.array(f"Fashion-MNIST test, 15 corruptions x {per_type}, severity "
-                                   f"{severity}, continual (seed {seed})"))
+        _save_stream(path, per_type, severity, seed)
     return path
 
 
@@ -39,37 +41,20 @@ def gradual_stream(per_segment: int, seed: int = 0) -> Path:
     """CoTTA's gradual setting: within each corruption type (standard order) the severity goes
     1, 2, 3, 4, 5, 4, 3, 2, 1 before the next type; ``per_segment`` distinct images per
     (type, severity) segment. Cached."""
-    from edgetta_export import datasets
-    from edgetta_export.corruptions import CORRUPTIONS, corrupt
-
     path = CACHE / f"stream_gradual_{per_segment}_seed{seed}.npz"
-    if path.exists():
-        return path
-    images, labels = datasets.fashion_mnist("test")
-    segments = [(d, s) for d in range(len(CORRUPTIONS)) for s in GRADUAL_SEVERITIES]
-    need = per_segment * len(segments)
-    if need > len(images):
-        raise ValueError(f"{need} frames requested, the test set has {len(images)}")
-    order = np.random.default_rng(seed).permutation(len(images))[:need]
-    chunks, doms, sevs = [], [], []
-    for i, (d, s) in enumerate(segments):
-        idx = order[i * per_segment:(i + 1) * per_segment]
-        chunks.append(corrupt(images[idx], CORRUPTIONS[d], s, seed=seed + i))
-        doms.append(np.full(per_segment, d, np.int8))
-        sevs.append(np.full(per_segment, s, np.int8))
-    _save(path, images=np.concatenate(chunks), labels=labels[order].astype(np.int64),
-          domains=np.concatenate(doms), domain_names=np.array(CORRUPTIONS),
-          severities=np.concatenate(sevs),
-          description=np.array(f"Fashion-MNIST test, 15 corruptions, severity 1-5-1 within each "
-                               f"type, {per_segment} per segment, continual (seed {seed})"))
+    if not path.exists():
+        _save_stream(path, per_segment, GRADUAL_SEVERITIES, seed)
     return path
 
 
-def _save(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _save_stream(path: Path, per_type: int, severity: int | tuple[int, ...], seed: int) -> None:
+    from edgetta_export.demo_stream import build
+    s = build(per_type, severity, seed)
+    severities = s["severities"] if "severities" in s else np.full(len(s["images"]), severity, np.int8)
+    with atomic_write(path) as f:
+        np.savez(f, images=s["images"], labels=s["labels"].astype(np.int64), domains=s["domains"],
+                 domain_names=s["domain_names"], severities=severities,
+                 description=np.array(str(s["description"]) + f" (seed {seed})"))
 
 
 def untrained_checkpoint(model_name: str, sparsity: float = 0.8, seed: int = 0) -> dict[str, Any]:
@@ -128,7 +113,44 @@ def merge_json(path: Path, sections: dict[str, Any]) -> dict[str, Any]:
     path = Path(path)
     data = load_json(path)
     data.update(sections)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))
     return data
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows every default."""
+
+
+def run_job(args: list[str], threads: int, timeout: float) -> dict[str, Any]:
+    """``python -m benchmarks.run_method ARGS`` in a fresh interpreter started in the repository
+    root; its JSON line, or ``{"failed": why, "args": args}``."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "benchmarks.run_method", *args, "--threads", str(threads)]
+    t = time.time()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"timed out after {timeout:.0f}s", "args": args}
+    if r.returncode != 0:
+        tail = "\n".join(r.stderr.strip().splitlines()[-6:])
+        return {"failed": f"exit {r.returncode}: {tail}", "args": args}
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["process_s"] = round(time.time() - t, 1)
+    out["args"] = args
+    return out
+
+
+def run_cli(main: Callable[[], int]) -> NoReturn:
+    """Exit with ``main()``'s code; a missing file or an edgetta error is one line on stderr and
+    exit 2, and a closed pipe (``| head``) ends the program quietly."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except (EdgettaError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except BrokenPipeError:
+        # the reader went away: point stdout at /dev/null so the interpreter's final flush is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    sys.exit(code)

@@ -22,60 +22,37 @@ Suites (``--suites``):
 - ``sparsity``: ``benchmarks/sparsity.py`` (trains models: see there).
 
 Results: ``benchmarks/results/compare.json`` (a suite run replaces only its own section), then
-``compare.md``, the PNG plots and ``README_section.md``, all generated from the JSON
+``docs/benchmarks.md`` and the PNG plots in ``benchmarks/results/``, all generated from the JSON
 (``python -m benchmarks.report`` regenerates them without running anything).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import report, sparsity
+from benchmarks.common import (RESULTS, ROOT, HelpFormatter, continual_stream, export_cached_bundle, gradual_stream,
+                               load_json, merge_json, run_cli, run_job, untrained_checkpoint)
+from benchmarks.methods import METHODS, RUNNABLE, spec
 
-from benchmarks.common import RESULTS, ROOT, continual_stream, export_cached_bundle, gradual_stream, load_json, merge_json
-
-METHODS = ("source", "source_meta", "bn_adapt", "tent", "cotta", "ecotta_torch", "edgetta")
 SUITES = ("main", "small_batch", "gradual", "memory", "sparsity")
 DEFAULT_SUITES = ("main", "small_batch", "gradual", "memory")
 MEMORY_MODELS = ("default", "wrn28_10", "wrn40_2", "resnet50")
 
 
-def _progress(total: int, enabled: bool = True):
+def _progress(total: int, quiet: bool):
     from tqdm import tqdm
-    return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, disable=not enabled)
-
-
-def run_job(args: list[str], threads: int, timeout: float) -> dict[str, Any]:
-    """``benchmarks.run_method`` in a fresh interpreter; its JSON line, or the failure."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    cmd = [sys.executable, "-m", "benchmarks.run_method", *args, "--threads", str(threads)]
-    t = time.time()
-    try:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"failed": f"timed out after {timeout:.0f}s", "args": args}
-    if r.returncode != 0:
-        tail = "\n".join(r.stderr.strip().splitlines()[-6:])
-        return {"failed": f"exit {r.returncode}: {tail}", "args": args}
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    out["process_s"] = round(time.time() - t, 1)
-    out["args"] = args
-    return out
+    # a bar on a terminal only (disable=None): a log gets the FAILED lines, not redraws
+    return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, disable=True if quiet else None)
 
 
 def _memory_bundle(model: str, default_bundle: Path, lean: bool = True) -> Path:
-    from benchmarks.common import untrained_checkpoint
     if model == "default" and lean:
         return default_bundle
     if model == "default":
@@ -111,6 +88,8 @@ def plan(a: argparse.Namespace, ckpt_path: str, bundle: Path) -> list[tuple[tupl
             src = base if model == "default" else ["--model", model, "--bundle", str(mbundle)]
             for malloc in mcfg["malloc"]:
                 for m in a.methods:
+                    if METHODS[m].device and malloc == "default":
+                        continue  # the Adapter always pins glibc's mmap threshold
                     extra = []
                     if m == "cotta" and mcfg["cotta_augmentations"] != 32:
                         extra = ["--cotta-augmentations", str(mcfg["cotta_augmentations"])]
@@ -171,9 +150,9 @@ def _edgetta_profile(bundle: Path, batch: int, one_step: bool = False) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--suites", nargs="+", default=list(DEFAULT_SUITES), choices=SUITES)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(RUNNABLE), choices=RUNNABLE)
     p.add_argument("--checkpoint", default=None, help="host checkpoint (default: the built-in model)")
     p.add_argument("--frames-per-type", type=int, default=200)
     p.add_argument("--batch", type=int, default=64)
@@ -186,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="another batch for some memory models, e.g. resnet50=16")
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--memory-malloc", nargs="+", default=["default", "pinned"], choices=["default", "pinned", "auto"],
-                   help="allocator settings for the default model's memory runs")
+                   help="allocator settings for the default model's memory runs (edgetta runs pinned only)")
     p.add_argument("--memory-zoo-malloc", nargs="+", default=["pinned"], choices=["default", "pinned", "auto"],
                    help="allocator settings for the zoo models' memory runs")
     p.add_argument("--memory-cotta-augmentations", type=int, default=2,
-                   help="CoTTA augmentations in the zoo models' memory runs (default 2, not 32: the "
+                   help="CoTTA augmentations in the zoo models' memory runs (2, not 32: the "
                         "augmented teacher passes run without autograd, one at a time, so peak memory "
                         "does not depend on their number; time does, and the report estimates the "
                         "32-augmentation step time from the measured forward time)")
@@ -213,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
 
     if "sparsity" in a.suites:
-        from benchmarks import sparsity
         data["sparsity"] = sparsity.run(smoke=a.smoke, threads=a.threads, seed=a.seed,
                                         per_type=a.frames_per_type if not a.smoke else 2,
                                         quiet=a.quiet)
@@ -252,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
             data["memory"]["models"] = old.get("models", {})
             for model in a.memory_models:
                 prev = data["memory"]["models"].get(model, {})
-                full = set(a.methods) >= set(METHODS)
+                full = set(a.methods) >= set(RUNNABLE)
                 data["memory"]["models"][model] = {
                     **memory_config(a, model), "command": command if full else prev.get("command", command),
                     "started": config["started"], "machine": config["machine"],
                     "partial_commands": ([] if full else list(dict.fromkeys(prev.get("partial_commands", []) + [command])))}
-        bar = _progress(len(jobs), not a.quiet)
+        bar = _progress(len(jobs), a.quiet)
         for key, args in jobs:
             bar.set_description(" ".join(key))
             result = run_job(args, a.threads, a.timeout)
@@ -269,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "failed" not in retry:
                     retry["fallback"] = {"contiguous_input": True, "failed": result["failed"]}
                     result = retry
-            if key[-1].startswith("edgetta") and "failed" not in result and key[0] in ("main", "memory"):
+            if spec(key[-1]).device and "failed" not in result and key[0] in ("main", "memory"):
                 try:
                     b = Path(args[max(i for i, x in enumerate(args) if x == "--bundle") + 1])  # the last one counts
                     result.update(_edgetta_profile(b, int(args[args.index("--batch") + 1]),
@@ -288,11 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     data = merge_json(json_path, {s: data[s] for s in a.suites})
     print(f"wrote {json_path}")
     if not a.no_report:
-        from benchmarks import report
         for path in report.write_all(data, out_dir):
             print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -23,10 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import RESULTS, ROOT, export_cached_bundle, merge_json, untrained_checkpoint
+from benchmarks.common import RESULTS, ROOT, HelpFormatter, export_cached_bundle, merge_json, run_cli, untrained_checkpoint
 
 ARM = Path(os.environ.get("EDGETTA_ARM64_ROOT", "/opt/edgetta-arm64"))
 
@@ -35,16 +32,14 @@ ARM = Path(os.environ.get("EDGETTA_ARM64_ROOT", "/opt/edgetta-arm64"))
 CHILD = r"""
 import json, sys
 kind, path, prepack = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-def rss():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
-from edgetta.adapter import _return_freed_memory_to_the_os, session_options
-_return_freed_memory_to_the_os()  # as the Adapter does
+from edgetta.engines import session_options
+from edgetta.system import pin_mmap_threshold, rss_bytes as rss
+pin_mmap_threshold()  # as the Adapter does
 import onnxruntime as ort
 ort.set_default_logger_severity(3)
 opts = session_options(prepacking=prepack)
 if kind == "module":
-    from edgetta._ort import training_api
+    from edgetta._ort import training_api  # onnxruntime.training.api without torch
     api = training_api()
     before = rss()
     state = api.CheckpointState.load_checkpoint(path + "/checkpoint")
@@ -60,8 +55,8 @@ SESSIONS = {"inference": "inference.onnx", "training module": "module", "portabl
 
 def weights_bytes(bundle: Path) -> int:
     import onnx
-    from edgetta.profile import _init_elems  # dense and sparse initializers alike
-    return 4 * sum(_init_elems(onnx.load(bundle / "inference.onnx").graph).values())
+    from edgetta.profile import initializer_elems  # dense and sparse initializers alike
+    return 4 * sum(initializer_elems(onnx.load(bundle / "inference.onnx").graph).values())
 
 
 def measure(kind: str, bundle: Path, prepack: bool, emulated: bool) -> int:
@@ -70,16 +65,17 @@ def measure(kind: str, bundle: Path, prepack: bool, emulated: bool) -> int:
         env = dict(os.environ, PYTHONPATH=f"{ARM / 'site'}{os.pathsep}{ROOT}")
     else:
         cmd = [sys.executable]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+        env = dict(os.environ)
     r = subprocess.run([*cmd, "-c", CHILD, kind, str(bundle), "1" if prepack else "0"],
-                       capture_output=True, text=True, env=env, timeout=1800)
+                       capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"{kind} on {bundle} failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])["loaded_bytes"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.load_memory", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", default=["wrn28_10", "resnet50"])
     p.add_argument("--arm64", action="store_true", help="also measure plain onnxruntime on emulated aarch64")
     p.add_argument("--out", default=str(RESULTS / "load_memory.json"))
@@ -113,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -1,7 +1,7 @@
 """Choose the adaptation learning rate on a validation stream that is NOT the demo stream:
 Fashion-MNIST *training* images, corrupted with the same 15 types at severity 5, continual.
 
-    python benchmarks/lr_sweep.py BUNDLE --lrs 0.0005 0.001 0.002 0.005 0.01 --out benchmarks/results/lr_sweep.json
+    python -m benchmarks.lr_sweep BUNDLE --lrs 0.001 0.002 0.005 0.01 0.02
 
 Prints accuracy without adaptation and with adaptation at each learning rate (same bundle,
 same stream, one process) and writes a JSON report.
@@ -10,39 +10,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import RESULTS, HelpFormatter, run_cli
 from edgetta import Adapter
-from edgetta.cli import run_stream
-from edgetta_export import datasets
-from edgetta_export.corruptions import CORRUPTIONS, corrupt
+from edgetta.system import write_text_atomic
+from edgetta_export.demo_stream import build
 
 
 def validation_stream(per_type: int, severity: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = datasets.fashion_mnist("train")
-    idx = np.random.default_rng(seed + 1000).permutation(len(images))[:per_type * len(CORRUPTIONS)]
-    chunks = [corrupt(images[idx[d * per_type:(d + 1) * per_type]], name, severity, seed=seed + 1000)
-              for d, name in enumerate(CORRUPTIONS)]
-    return np.concatenate(chunks), labels[idx]
+    """The benchmark stream's recipe on Fashion-MNIST *training* images (seed offset 1000)."""
+    s = build(per_type, severity, seed + 1000, split="train")
+    return s["images"], s["labels"].astype(np.int64)
 
 
 def accuracy(adapter: Adapter, images: np.ndarray, labels: np.ndarray, batch: int, adapt: bool) -> float:
-    return float((run_stream(adapter, images, batch, adapt, progress=False) == labels).mean())
+    pred = np.concatenate([adapter.step(images[i:i + batch], adapt=adapt).argmax(1)
+                           for i in range(0, len(images), batch)])
+    return float((pred == labels).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lr_sweep", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("bundle")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02])
     p.add_argument("--per-type", type=int, default=200)
     p.add_argument("--severity", type=int, default=5)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/lr_sweep.json")
+    p.add_argument("--out", default=str(RESULTS / "lr_sweep.json"))
     a = p.parse_args(argv)
     images, labels = validation_stream(a.per_type, a.severity, a.seed)
     base = Adapter.load(a.bundle)
@@ -57,11 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         report["adapted"][str(lr)] = acc
         print(f"lr {lr:<8g} adapted: {100 * acc:.1f}%  ({time.time() - t:.0f}s)")
     report["best_lr"] = float(max(report["adapted"], key=report["adapted"].get))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=2))
+    write_text_atomic(a.out, json.dumps(report, indent=2))
     print(json.dumps({"best_lr": report["best_lr"], "out": a.out}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -14,18 +14,17 @@ the same thread count (torch's intra-op threads, onnxruntime's intra-op threads)
 
 Allocator (``--malloc``): ``edgetta.Adapter`` pins glibc's mmap threshold at 64 KiB so that
 freed activations go back to the OS; PyTorch leaves glibc's dynamic threshold alone. ``auto``
-runs each as it ships (torch methods: glibc default; edgetta: pinned); ``pinned`` and
-``default`` force one setting on every method, to compare like with like.
+runs each as it ships (torch methods: glibc default; edgetta: pinned); ``pinned`` pins it for a
+torch method too, to compare like with like; ``default`` is for torch methods only (the Adapter
+always pins it).
 
-This module imports neither torch nor edgetta before it knows which method it runs.
+This module imports no torch before it knows which method it runs.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
-import os
 import platform
 import sys
 import time
@@ -33,47 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-TORCH_METHODS = ("source", "source_meta", "bn_adapt", "tent", "cotta", "ecotta_torch")
-ALL_METHODS = TORCH_METHODS + ("edgetta",)
-MIB = 1 << 20
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def rss() -> int:
-    return _status("VmRSS")
-
-
-def peak_rss() -> int:
-    try:
-        return _status("VmHWM")
-    except (OSError, RuntimeError):
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def pin_mmap_threshold(threshold: int = 1 << 16) -> None:
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+from benchmarks.common import HelpFormatter
+from benchmarks.methods import RUNNABLE, TORCH_METHODS, EcoTTASettings
+from edgetta.system import MIB, peak_rss_bytes, pin_mmap_threshold, reset_peak_rss, rss_bytes
 
 
 def errors(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray, names: list[str]) -> dict[str, float]:
@@ -96,10 +57,9 @@ class TorchRunner:
             ckpt = untrained_checkpoint(a.model)
         else:
             ckpt = checkpoint.load(a.checkpoint)
-        hyper = {}
+        hyper = None
         if a.bundle:
-            m = json.loads((Path(a.bundle) / "manifest.json").read_text())
-            hyper = {**m["adaptation"], "lambda": m["ecotta"]["lambda"], "e0": m["ecotta"]["e0"]}
+            hyper = EcoTTASettings.from_manifest(json.loads((Path(a.bundle) / "manifest.json").read_text()))
         kwargs = {"augmentations": a.cotta_augmentations} if a.method == "cotta" and a.cotta_augmentations else {}
         self.method = create(a.method, ckpt, lr=a.lr, hyper=hyper, seed=a.seed, **kwargs)
         self.mean, self.std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
@@ -139,25 +99,13 @@ class TorchRunner:
 
 class EdgettaRunner:
     def __init__(self, a: argparse.Namespace):
-        import edgetta.adapter
-        if a.malloc == "default":  # measure edgetta without its allocator setting
-            edgetta.adapter._return_freed_memory_to_the_os = lambda *args, **kwargs: None
-        from edgetta._ort import onnxruntime
-        ort = onnxruntime()
-        make_options = ort.SessionOptions
-
-        def options():  # the Adapter's own settings, with this run's thread count
-            o = make_options()
-            o.intra_op_num_threads = a.threads
-            o.inter_op_num_threads = 1
-            return o
-        ort.SessionOptions = options
         from edgetta import Adapter
-        self.adapter = Adapter.load(a.bundle, lr=a.lr)
+        self.adapter = Adapter.load(a.bundle, engine="ort-training", lr=a.lr, threads=a.threads)
+        import onnxruntime  # loaded by the Adapter already; only its version is read here
         self.adapt = not a.no_adapt
         self.input_size = self.adapter.bundle.input_size[0]
         self.num_classes = len(self.adapter.class_names)
-        self.ort_version = ort.__version__
+        self.ort_version = onnxruntime.__version__
 
     def step(self, frames: np.ndarray, count_saved: bool = False) -> tuple[np.ndarray, None]:
         return self.adapter.step(frames, adapt=self.adapt), None
@@ -167,8 +115,9 @@ class EdgettaRunner:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=ALL_METHODS)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run_method", description=__doc__,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--method", required=True, choices=RUNNABLE)
     p.add_argument("--checkpoint", default=None, help="host checkpoint (torch methods; default: built-in)")
     p.add_argument("--model", default=None, help="untrained zoo model instead of a checkpoint (memory runs)")
     p.add_argument("--bundle", default=None, help="bundle (edgetta; EcoTTA hyperparameters for ecotta_torch)")
@@ -194,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.modules["torchvision"] = None
         if not a.bundle:
             p.error("--method edgetta needs --bundle")
+    if a.method == "edgetta" and a.malloc == "default":
+        p.error("--malloc default is for the torch methods: edgetta's Adapter pins the mmap threshold itself")
     if a.no_adapt and a.method != "edgetta":
         p.error("--no-adapt is for edgetta (the torch methods have source / source_meta)")
     if not a.stream and not a.random_steps:
@@ -219,21 +170,21 @@ def main(argv: list[str] | None = None) -> int:
                                                         dtype=np.uint8)
         labels = None
     gc.collect()
-    rss_loaded, peak_load = rss(), peak_rss()
-    hwm_reset = reset_peak()
+    rss_loaded, peak_load = rss_bytes(), peak_rss_bytes()
+    hwm_reset = reset_peak_rss()
 
     preds, times, saved = [], [], None
     n_batches = -(-len(images) // a.batch)
     for i in range(n_batches):
         frames = images[i * a.batch:(i + 1) * a.batch]
         t = time.perf_counter()
-        logits, counted = runner.step(frames, count_saved=(i == 0 and a.method != "edgetta" ))
+        logits, counted = runner.step(frames, count_saved=(i == 0 and a.method in TORCH_METHODS))
         times.append(time.perf_counter() - t)
         saved = counted if counted is not None else saved
         preds.append(np.asarray(logits).argmax(1))
         if i == 0:
-            rss_after_first = rss()
-    peak_adapt = peak_rss()
+            rss_after_first = rss_bytes()
+    peak_adapt = peak_rss_bytes()
     pred = np.concatenate(preds)
     ms = np.array(times) * 1e3
     out = {
@@ -264,6 +215,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -8,7 +8,7 @@ For each backbone (WRN-16-2, dense or randomly pruned at initialization): a SHOR
 built-in model had 5 full epochs), a short meta-network warm-up (``edgetta_export.warmup.warmup``),
 then: clean test error (10,000 images), error on the corrupted continual stream (severity 5,
 ``--per-type`` per type) without adaptation (source backbone) and with edgetta, the bundle's
-size (``export_bundle``, sparse storage where a layer is at most 50% dense), and the time of
+size (``export_bundle``, sparse storage where a layer is under 30% dense), and the time of
 an adaptation step and of inference at batch ``--batch`` (fresh torch-free processes,
 ``benchmarks.run_method``, ``--threads`` threads). Trained checkpoints are cached.
 Results go to the ``sparsity`` section of ``benchmarks/results/compare.json``.
@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import CACHE, RESULTS, continual_stream, export_cached_bundle, load_json, merge_json
+from benchmarks import report
+from benchmarks.common import (CACHE, RESULTS, HelpFormatter, continual_stream, export_cached_bundle, load_json,
+                               merge_json, run_cli, run_job)
+from benchmarks.tables import SPARSE_MAX_DENSITY
 
 CONFIGS = (("dense", "dense", 0.0), ("uniform 50%", "uniform", 0.5), ("uniform 80%", "uniform", 0.8),
            ("uniform 90%", "uniform", 0.9), ("ERK 50%", "erk", 0.5), ("ERK 80%", "erk", 0.8),
@@ -47,13 +47,8 @@ def train_and_warm(scheme: str, sparsity: float, epochs: float, train_images: in
                        lr=0.1, weight_decay=5e-4, seed=seed, dataset="fashion-mnist", data_root=None,
                        limit=train_images)
     train_s = time.time() - t
-    evaluate = warmup.evaluate
-    warmup.evaluate = lambda *args, **kwargs: float("nan")  # clean error is measured once, above
-    try:
-        ckpt = warmup.warmup(ckpt, k=4, epochs=warmup_epochs, batch=128, lr=0.05, seed=seed,
-                             data_root=None, limit=warmup_images)
-    finally:
-        warmup.evaluate = evaluate
+    ckpt = warmup.warmup(ckpt, k=4, epochs=warmup_epochs, batch=128, lr=0.05, seed=seed,
+                         data_root=None, limit=warmup_images)
     ckpt["benchmark"] = {"train_s": round(train_s, 1), "warmup_s": ckpt["warmup"]["time_s"]}
     checkpoint.save(path, ckpt)
     return path, ckpt
@@ -64,7 +59,6 @@ def run(smoke: bool = False, threads: int = 1, seed: int = 0, per_type: int = 20
         configs: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
-    from benchmarks.compare import run_job
 
     torch.set_num_threads(threads)
     if smoke:
@@ -72,7 +66,7 @@ def run(smoke: bool = False, threads: int = 1, seed: int = 0, per_type: int = 20
     chosen = [c for c in CONFIGS if configs is None or c[0] in configs]
     stream = continual_stream(per_type, 5, seed)
     results = []
-    bar = tqdm(chosen, unit="backbone", file=sys.stderr, dynamic_ncols=True, disable=quiet)
+    bar = tqdm(chosen, unit="backbone", file=sys.stderr, dynamic_ncols=True, disable=True if quiet else None)
     for name, scheme, sparsity in bar:
         bar.set_description(name)
         try:
@@ -106,13 +100,13 @@ def run(smoke: bool = False, threads: int = 1, seed: int = 0, per_type: int = 20
     return {"config": {"model": "wrn16_2", "epochs": epochs, "train_images": train_images,
                        "warmup_epochs": warmup_epochs, "warmup_images": warmup_images,
                        "frames_per_type": per_type, "batch": batch, "threads": threads, "seed": seed,
-                       "smoke": smoke, "lr": 0.1, "train_batch": 128},
+                       "smoke": smoke, "lr": 0.1, "train_batch": 128, "sparse_max_density": SPARSE_MAX_DENSITY},
             "results": results}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sparsity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--configs", nargs="+", default=None, help=f"subset of {[c[0] for c in CONFIGS]}")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--train-images", type=int, default=12000)
@@ -124,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out-dir", default=str(RESULTS))
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     section = run(a.smoke, a.threads, a.seed, a.per_type, a.batch, a.epochs, a.train_images, a.warmup_epochs,
                   a.warmup_images, a.configs, a.quiet)
@@ -139,11 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         section["results"] = sorted(rows.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else 99)
         section["config"]["command"] = old["config"].get("command", "") + "; then " + section["config"]["command"]
     data = merge_json(out / "compare.json", {"sparsity": section})
-    from benchmarks import report
     for path in report.write_all(data, out):
         print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -1,7 +1,7 @@
 """Memory and time of one adaptation step: onnxruntime-training's generated graph against
 edgetta's lean rewrite, same model, same batches, measured side by side in one run.
 
-    python benchmarks/step_memory.py --batches 1 16 64 --out benchmarks/results/step_memory.json
+    python -m benchmarks.step_memory --batches 16 64 --repeats 5
 
 Each measurement is a fresh torch-free process (``edgetta.profile.measure_step``, two steps);
 the static figures come from the graph's liveness (``edgetta.profile.analyse``).
@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.common import RESULTS, HelpFormatter, run_cli
 from edgetta.bundle import Bundle
 from edgetta.profile import MIB, analyse, measure_step
+from edgetta.system import write_text_atomic
 from edgetta.targets import get_target
 from edgetta_export import checkpoint
 from edgetta_export.bundle import DEFAULT_CHECKPOINT, export_bundle
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.step_memory", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per point (median kept)")
-    p.add_argument("--out", default="benchmarks/results/step_memory.json")
+    p.add_argument("--out", default=str(RESULTS / "step_memory.json"))
     a = p.parse_args(argv)
     ckpt = checkpoint.load(a.checkpoint)
     rows = []
@@ -51,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                        "step_ms": round(sorted(r["step_ms"] for r in runs)[len(runs) // 2], 1)}
                 rows.append(row)
                 print(json.dumps(row))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"checkpoint": a.checkpoint, "rows": rows}, indent=2))
+    write_text_atomic(a.out, json.dumps({"checkpoint": a.checkpoint, "rows": rows}, indent=2))
     print(f"{'batch':>5s} {'graph':>10s} {'static MiB':>11s} {'measured MiB':>13s} {'peak RSS':>9s} {'step ms':>8s}")
     for r in rows:
         print(f"{r['batch']:5d} {r['graph']:>10s} {r['static_step_mib']:11.1f} {r['measured_step_growth_mib']:13.1f} "
@@ -61,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

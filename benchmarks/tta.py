@@ -19,8 +19,9 @@ for that batch (from before its update, as in the papers).
 - ``ecotta_torch`` EcoTTA (Song et al., CVPR 2023) with ``edgetta_export.ecotta``: only meta networks
                    train, SGD momentum 0.9, the bundle's learning rate.
 
-The device path (``edgetta``, onnxruntime-training) is not here: ``run_method`` runs it in a
-process without torch.
+Which methods exist, their labels and how each is built: the registry in ``benchmarks.methods``
+(``methods.create(name, ckpt)``). The device path (``edgetta``, onnxruntime-training) is not
+here: ``run_method`` runs it in a process without torch.
 """
 from __future__ import annotations
 
@@ -33,10 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetta_export.bundle import build_model
-from edgetta_export.checkpoint import build_backbone
 from edgetta_export.ecotta import ecotta_loss, entropy
-
-METHODS = ("source", "source_meta", "bn_adapt", "tent", "cotta", "ecotta_torch")
 
 
 def use_batch_statistics(model: nn.Module) -> nn.Module:
@@ -252,25 +250,3 @@ class SourceMeta(Source):
 
     def __init__(self, ckpt: dict[str, Any]):
         super().__init__(build_model(ckpt))
-
-
-def create(name: str, ckpt: dict[str, Any], *, lr: float | None = None,
-           hyper: dict[str, Any] | None = None, seed: int = 0, **kwargs: Any) -> Method:
-    """Build method ``name`` on the checkpoint's model. ``hyper``: EcoTTA's settings from a
-    bundle manifest (lr, momentum, lambda, e0); ``lr`` overrides a method's learning rate."""
-    hyper = hyper or {}
-    if name == "source":
-        return Source(build_backbone(ckpt))
-    if name == "source_meta":
-        return SourceMeta(ckpt)
-    if name == "bn_adapt":
-        return BNAdapt(build_backbone(ckpt))
-    if name == "tent":
-        return Tent(build_backbone(ckpt), lr=lr or 1e-3)
-    if name == "cotta":
-        norm = ckpt["normalization"]
-        return CoTTA(build_backbone(ckpt), norm["mean"], norm["std"], lr=lr or 1e-3, seed=seed, **kwargs)
-    if name == "ecotta_torch":
-        return EcoTTATorch(ckpt, lr=lr or hyper.get("lr", 0.005), momentum=hyper.get("momentum", 0.9),
-                           lam=hyper.get("lambda", 0.5), e0=hyper.get("e0"))
-    raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")

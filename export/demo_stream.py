@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Sequence
 
 import numpy as np
 
@@ -17,27 +18,42 @@ NOTICE = ("Derived from Fashion-MNIST (c) 2017 Zalando SE, MIT License: test ima
           "32x32, channel repeated, corrupted with edgetta's CIFAR-10-C-style generator.")
 
 
-def build(per_type: int, severity: int, seed: int, data_root: str | None = None) -> dict:
-    images, labels = datasets.fashion_mnist("test", data_root)
+def build(per_type: int, severity: int | Sequence[int], seed: int, data_root: str | None = None,
+          split: str = "test") -> dict:
+    """The corrupted continual stream every benchmark and the built-in demo use: Fashion-MNIST
+    ``split`` images in a ``seed``-shuffled order, the 15 types in the standard order, no reset.
+
+    ``severity`` an int: ``per_type`` images per type, all corrupted with ``seed`` (the demo
+    stream's recipe). A sequence (CoTTA's gradual setting, e.g. 1-2-3-4-5-4-3-2-1): within each
+    type one segment of ``per_type`` images per entry, segment ``i`` of the stream corrupted with
+    ``seed + i``; the result then also holds ``severities`` per frame."""
+    images, labels = datasets.fashion_mnist(split, data_root)
+    schedule = [severity] if isinstance(severity, int) else [int(s) for s in severity]
+    segments = [(d, s) for d in range(len(CORRUPTIONS)) for s in schedule]
     order = np.random.default_rng(seed).permutation(len(images))
-    need = per_type * len(CORRUPTIONS)
+    need = per_type * len(segments)
     if need > len(images):
-        raise ValueError(f"{need} frames requested, the test set has {len(images)}")
-    chunks, domains = [], []
-    for d, name in enumerate(CORRUPTIONS):
-        idx = order[d * per_type:(d + 1) * per_type]
-        chunks.append(corrupt(images[idx], name, severity, seed=seed))
+        raise ValueError(f"{need} frames requested, the {split} set has {len(images)}")
+    chunks, domains, severities = [], [], []
+    for i, (d, s) in enumerate(segments):
+        idx = order[i * per_type:(i + 1) * per_type]
+        chunks.append(corrupt(images[idx], CORRUPTIONS[d], s, seed=seed if isinstance(severity, int) else seed + i))
         domains.append(np.full(per_type, d, dtype=np.int8))
+        severities.append(np.full(per_type, s, dtype=np.int8))
     idx = order[:need]
-    return {
+    what = f"15 corruptions x {per_type}, severity {severity}" if isinstance(severity, int) else \
+        f"15 corruptions, severity {'-'.join(map(str, schedule))} within each type, {per_type} per segment"
+    out = {
         "images": np.concatenate(chunks), "labels": labels[idx].astype(np.int8),
         "domains": np.concatenate(domains), "domain_names": np.array(CORRUPTIONS),
         "class_names": np.array(datasets.FASHION_MNIST_CLASSES),
-        "severity": np.int8(severity), "source_index": idx.astype(np.int32),
-        "description": np.array(f"built-in demo: Fashion-MNIST test, 15 corruptions x {per_type}, "
-                                f"severity {severity}, continual order"),
+        "severity": np.int8(max(schedule)), "source_index": idx.astype(np.int32),
+        "description": np.array(f"built-in demo: Fashion-MNIST {split}, {what}, continual order"),
         "notice": np.array(NOTICE),
     }
+    if not isinstance(severity, int):
+        out["severities"] = np.concatenate(severities)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import methods, tta
 
-from benchmarks import methods  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _x(seed=0, n=8):
@@ -84,7 +83,7 @@ def test_cotta_stochastic_restore(tiny_ckpt):
 def test_cotta_augmentation_keeps_pixels_in_range():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 32, 32, generator=g)
-    a, b = methods.cotta_augment(x, g), methods.cotta_augment(x, g)
+    a, b = tta.cotta_augment(x, g), tta.cotta_augment(x, g)
     assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
     assert not torch.allclose(a, b)  # a fresh draw each call
 
@@ -129,11 +128,11 @@ def test_compare_smoke(tmp_path):
     # the memory suite measures the lean graph beside the generated one, each with its own estimate
     mem = data["memory"]["results"]["default"]["pinned"]
     assert mem["edgetta_generated"]["static_step_mib"] > mem["edgetta"]["static_step_mib"] > 0
-    for name in ("compare.md", "README_section.md", "memory_bars.png", "error_per_corruption.png",
-                 "memory_vs_batch.png"):
+    for name in ("benchmarks.md", "memory_bars.png", "error_per_corruption.png", "memory_vs_batch.png"):
         assert (out / name).stat().st_size > 0, name
-    md = (out / "compare.md").read_text()
+    md = (out / "benchmarks.md").read_text()
     assert "CoTTA" in md and "edgetta" in md
+    assert "](error_per_corruption.png)" in md  # image links relative to the document
 
 
 def test_load_memory_measures_every_session(tmp_path):
@@ -148,3 +147,21 @@ def test_load_memory_measures_every_session(tmp_path):
     assert {(x["session"], x["batchnorms_folded"], x["prepacking"]) for x in rows} == {
         (s, f, p) for s in ("inference", "training module", "portable step") for f in (False, True) for p in (False, True)}
     assert all(x["machine"] == platform.machine() and x["loaded_mib"] > 0 and x["weights_mib"] > 0 for x in rows)
+
+
+def test_benchmark_document_is_generated_whole_from_the_json():
+    """docs/benchmarks.md is exactly what ``python -m benchmarks.report`` makes of the committed
+    compare.json: nothing hand-written in it, nothing stale."""
+    from benchmarks import report
+    data = json.loads((ROOT / "benchmarks" / "results" / "compare.json").read_text())
+    committed = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert report.document(data) == committed, "run: python -m benchmarks.report"
+    assert "](../benchmarks/results/memory_bars.png)" in committed
+
+
+def test_readme_results_table_is_the_generated_one():
+    from benchmarks import report
+    data = json.loads((ROOT / "benchmarks" / "results" / "compare.json").read_text())
+    table = report.readme_table(data)
+    assert table in (ROOT / "README.md").read_text(), "paste: python -m benchmarks.report --readme-table"
+    assert table.count("\n") == 2 + len(report.README_METHODS)
