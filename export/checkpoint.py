@@ -2,6 +2,7 @@
 facts that travel into the device bundle (normalization, class names, history)."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_backbone(ckpt: dict[str, Any]) -> Backbone:
+    """The frozen backbone of a checkpoint: a zoo model by name with its weights, or the
+    partitioned module a checkpoint of one's own model carries (a copy: export edits it)."""
+    if ckpt.get("backbone_module") is not None:
+        return copy.deepcopy(ckpt["backbone_module"])
     model = create_model(ckpt["model"], num_classes=len(ckpt["class_names"]))
     model.load_state_dict(ckpt["state_dict"])
     return model

@@ -1,7 +1,9 @@
-"""Loaders for the real image sets a user can have: Fashion-MNIST (Debian's package), and
-CIFAR-10 / CIFAR-10-C in their official layouts.
+"""Loaders for the real image sets a user can have: Fashion-MNIST (Debian's package),
+CIFAR-10 / CIFAR-10-C in their official layouts, and a folder of one's own images (one
+subfolder per class, JPEG/PNG).
 
-Every loader returns ``(images, labels)``: uint8 ``(N, 32, 32, 3)`` RGB and int64 ``(N,)``.
+Every loader returns ``(images, labels)``: uint8 ``(N, H, W, 3)`` RGB (32x32 but for image
+folders, which are resized to the size asked for) and int64 ``(N,)``.
 """
 from __future__ import annotations
 
@@ -98,6 +100,46 @@ def cifar10c(root: str | os.PathLike, corruption: str, severity: int
     n = len(data) // 5
     sl = slice((severity - 1) * n, severity * n)
     return np.ascontiguousarray(data[sl], dtype=np.uint8), labels[sl].astype(np.int64)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def image_folder(root: str | os.PathLike, size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(images, labels, class names) of a folder with one subfolder per class (sorted by name)
+    holding JPEG/PNG files, each converted to RGB and resized to ``size`` x ``size``."""
+    from PIL import Image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetMissing(f"image folder {root} not found")
+    classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if len(classes) < 2 or not files:
+        raise DatasetMissing(f"{root} needs one subfolder per class (at least 2) holding .jpg/.jpeg/.png "
+                             f"files; found {len(classes)} subfolders and {len(files)} images")
+    images = np.empty((len(files), size, size, 3), np.uint8)
+    for i, (f, _) in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                images[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+        except OSError as e:
+            raise ValueError(f"{f} is not a readable image ({e})") from None
+    return images, np.array([c for _, c in files], np.int64), classes
+
+
+def holdout(labels: np.ndarray, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-back) indices: ``fraction`` of each class held back (at least one image of a
+    class with two or more), drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
+        held.append(idx[:n])
+        train.append(idx[n:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
 
 
 def load(name: str, split: str = "train", root: str | os.PathLike | None = None

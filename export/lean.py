@@ -184,18 +184,23 @@ class _Constants:
         return self.names[key]
 
 
-def _pack_mask(y: str, zero: str, const: _Constants, nhwc: bool = False) -> list[onnx.NodeProto]:
+def _pack_mask(y: str, zero: str, const: _Constants, nhwc: bool = False,
+               band: tuple[str, str] | None = None, tag: str = ".mask") -> list[onnx.NodeProto]:
     """``y > 0`` packed 8 signs to a byte: rows of 8 booleans times (1, 2, .., 128). With
-    ``nhwc`` the signs are taken in NHWC order (see ``frozen_conv_outputs``)."""
+    ``nhwc`` the signs are taken in NHWC order (see ``frozen_conv_outputs``). With ``band``
+    (lo, hi) the bit is ``lo < y < hi`` instead (a Clip's input: ReLU6's gradient)."""
     n = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out + "_node", **kw)
-    src = [n("Transpose", [y], y + ".nhwc", perm=[0, 2, 3, 1])] if nhwc else []
-    return src + [
-        n("Greater", [y + ".nhwc" if nhwc else y, zero], y + ".mask"),
-        n("Cast", [y + ".mask"], y + ".mask_u8", to=TensorProto.UINT8),
-        n("Reshape", [y + ".mask_u8", const([0, -1, 8], np.int64)], y + ".mask_rows"),
-        n("MatMulInteger", [y + ".mask_rows", const(1 << np.arange(8).reshape(8, 1), np.uint8)],
-          y + ".mask_i32"),
-        n("Cast", [y + ".mask_i32"], y + ".mask_bits", to=TensorProto.UINT8),
+    p = y + tag
+    src = [n("Transpose", [y], p + ".nhwc", perm=[0, 2, 3, 1])] if nhwc else []
+    x = p + ".nhwc" if nhwc else y
+    test = ([n("Greater", [x, zero], p)] if band is None else
+            [n("Greater", [x, band[0]], p + ".above"), n("Less", [x, band[1]], p + ".below"),
+             n("And", [p + ".above", p + ".below"], p)])
+    return src + test + [
+        n("Cast", [p], p + "_u8", to=TensorProto.UINT8),
+        n("Reshape", [p + "_u8", const([0, -1, 8], np.int64)], p + "_rows"),
+        n("MatMulInteger", [p + "_rows", const(1 << np.arange(8).reshape(8, 1), np.uint8)], p + "_i32"),
+        n("Cast", [p + "_i32"], p + "_bits", to=TensorProto.UINT8),
     ]
 
 
@@ -330,6 +335,43 @@ def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logi
     return len(early)
 
 
+def _constant_value(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], name: str) -> float | None:
+    for init in graph.initializer:
+        if init.name == name:
+            return float(numpy_helper.to_array(init).reshape(-1)[0])
+    for node in nodes:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return float(numpy_helper.to_array(_attrs(node)["value"]).reshape(-1)[0])
+    return None
+
+
+def clip_gradient_masks(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
+                        ) -> dict[int, tuple[str, str, float, float]]:
+    """onnxruntime-training differentiates ``Clip(x, lo, hi)`` (ReLU6) as
+    ``Mul(dY, Cast(And(x >= lo, x <= hi)))``, which keeps ``x`` (4 bytes) until the backward
+    pass. Returns, per such Mul (by index): (dY, x, lo, hi)."""
+    producer = {o: n for n in nodes for o in n.output if o}
+    clips = {n.input[0] for n in nodes if n.op_type == "Clip"}
+    found = {}
+    for i, node in enumerate(nodes):
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        for dy, m in (node.input, node.input[::-1]):
+            cast = producer.get(m)
+            both = producer.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+            if both is None or both.op_type != "And":
+                continue
+            ge, le = (producer.get(x) for x in both.input)
+            if (ge is None or le is None or ge.op_type != "GreaterOrEqual" or le.op_type != "LessOrEqual"
+                    or ge.input[0] != le.input[0] or ge.input[0] not in clips):
+                continue
+            lo, hi = (_constant_value(graph, nodes, c.input[1]) for c in (ge, le))
+            if lo is not None and hi is not None:
+                found[i] = (dy, ge.input[0], lo, hi)
+                break
+    return found
+
+
 def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bool = True,
               nhwc_masks: bool = True) -> dict[str, int]:
     """Rewrite ``training`` in place; ``forward`` (the graph before artifacts were generated)
@@ -352,8 +394,32 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     after: dict[int, list[onnx.NodeProto]] = {}
     masks: dict[str, str] = {}
     nhwc = frozen_conv_outputs(training.graph) if nhwc_masks else set()
-    convs = relus = transposed = 0
+    clip_muls = clip_gradient_masks(training.graph, nodes)
+    convs = relus = transposed = clipped = 0
     for i, node in enumerate(nodes):
+        if i in clip_muls:  # ReLU6: one bit, lo < x < hi (torch's hardtanh gradient is strict too)
+            dy, x, lo, hi = clip_muls[i]
+            packed = bit_masks and per_sample.get(x, 1) % 8 == 0
+            in_nhwc = packed and x in nhwc and x in spatial
+            key = x + ".band"
+            if key not in masks:
+                band = (consts(lo, np.float32), consts(hi, np.float32))
+                masks[key] = x + ".band" + ("_bits" if packed else "")
+                after.setdefault(producer.get(x, -1), []).extend(
+                    _pack_mask(x, zero, consts, in_nhwc, band, ".band") if packed else
+                    _pack_mask(x, zero, consts, False, band, ".band")[:3])
+                bits += packed
+                transposed += in_nhwc
+            mask = masks[key]
+            name = (node.name or f"clipgrad{i}") + "_lean"
+            if packed:
+                mask = f"{x}.band.unpacked{i}"
+                before.setdefault(i, []).extend(_unpack_mask(masks[key], dy, mask, consts, in_nhwc))
+                nodes[i] = helper.make_node("Mul", [dy, mask], [node.output[0]], name=name)
+            else:
+                nodes[i] = helper.make_node("Where", [mask, dy, zero], [node.output[0]], name=name)
+            clipped += 1
+            continue
         if node.op_type == "ConvGrad" and node.domain == "com.microsoft":
             wants_weight = len(node.output) > 1 and node.output[1] != ""
             wants_bias = len(node.output) > 2 and node.output[2] != ""
@@ -398,8 +464,16 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         ordered.extend(before.get(i, []))
         ordered.append(node)
         ordered.extend(after.get(i, []))
+    if clipped:  # the generated >=, <=, And, Cast chains nothing reads any more
+        outputs = {o.name for o in training.graph.output}
+        while True:
+            used = {x for n in ordered for x in n.input} | outputs
+            live = [n for n in ordered if any(o in used for o in n.output if o) or n.op_type.startswith("InPlace")]
+            if len(live) == len(ordered):
+                break
+            ordered = live
     del training.graph.node[:]
     training.graph.node.extend(ordered)
     return {"stop_gradient_twin_nodes_dropped": twins, "conv_grad_to_conv_transpose": convs,
             "relu_grad_to_mask": relus, "relu_masks_bit_packed": bits, "relu_masks_nhwc": transposed,
-            "regularizer_nodes_placed_early": moved}
+            "clip_grad_to_mask": clipped, "regularizer_nodes_placed_early": moved}

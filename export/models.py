@@ -1,4 +1,4 @@
-"""The model zoo: WideResNets and ResNets, each split into parts for EcoTTA.
+"""The model zoo: WideResNets, ResNets and MobileNets, each split into parts for EcoTTA.
 
 Every model exposes the same three pieces so that the rest of the toolchain
 never needs to know which architecture it holds:
@@ -6,6 +6,8 @@ never needs to know which architecture it holds:
 - ``stem``: the layers before the first residual block,
 - ``blocks``: the residual blocks, in order (an ``nn.ModuleList``),
 - ``head``: everything after the last block (final norm, pooling, classifier).
+
+Any other BatchNorm CNN is brought to the same form by ``edgetta_export.partition`` (torch.fx).
 
 ``CONFIGS`` holds the named architectures as plain data; ``create_model(name)``
 builds one.
@@ -111,7 +113,8 @@ class Backbone(nn.Module):
     """stem -> blocks -> head. ``meta_kernel`` is the kernel of EcoTTA's meta conv."""
 
     def __init__(self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module,
-                 stem_channels: int, stem_stride: int, meta_kernel: int):
+                 stem_channels: int, stem_stride: int, meta_kernel: int, input_size: int = 32,
+                 in_channels: int = 3):
         super().__init__()
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
@@ -119,6 +122,8 @@ class Backbone(nn.Module):
         self.stem_channels = stem_channels
         self.stem_stride = stem_stride
         self.meta_kernel = meta_kernel
+        self.input_size = input_size
+        self.in_channels = in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -131,9 +136,9 @@ class Backbone(nn.Module):
 class ModelConfig:
     """A named architecture, as plain data."""
 
-    family: str                 # "wrn" | "resnet"
+    family: str                 # "wrn" | "resnet" | "mobilenet_v2" | "mobilenet_v3"
     depth: int
-    width: int                  # WRN widen factor, or ResNet base width
+    width: int                  # WRN widen factor, ResNet base width, MobileNet width x 100
     num_classes: int = 10
     input_size: int = 32
     block: str = "basic"        # resnet only: "basic" | "bottleneck"
@@ -149,6 +154,11 @@ CONFIGS: dict[str, ModelConfig] = {
     "resnet26": ModelConfig("resnet", 26, 16, stages=(3, 3, 3, 3)),
     "resnet50": ModelConfig("resnet", 50, 64, block="bottleneck", stages=(3, 4, 6, 3),
                             input_size=224, imagenet_stem=True),
+    # MobileNets at 32x32 keep the first two stride-2 layers at stride 1 (as CIFAR ports do)
+    "mobilenet_v2": ModelConfig("mobilenet_v2", 0, 100),
+    "mobilenet_v2_224": ModelConfig("mobilenet_v2", 0, 100, input_size=224, imagenet_stem=True),
+    "mobilenet_v3s": ModelConfig("mobilenet_v3", 0, 100),
+    "mobilenet_v3s_224": ModelConfig("mobilenet_v3", 0, 100, input_size=224, imagenet_stem=True),
 }
 
 
@@ -192,6 +202,109 @@ def resnet(stages: tuple[int, ...], width: int, block: str = "basic", num_classe
                     stem_channels=width, stem_stride=stem_stride, meta_kernel=1)
 
 
+class HardSwish(nn.Module):
+    """``x * relu6(x + 3) / 6``, written out: exported as Add, Clip, Mul, Div, each of which
+    onnxruntime-training can differentiate (it has no gradient for ONNX's HardSwish)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * F.relu6(x + 3.0) / 6.0
+
+
+def conv_bn_act(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
+                act: type[nn.Module] | None = nn.ReLU6) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                               nn.BatchNorm2d(cout)]
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2/V3 block: 1x1 expansion, depthwise kxk, linear 1x1 projection; identity
+    shortcut where input and output shapes agree."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, kernel: int = 3,
+                 act: type[nn.Module] = nn.ReLU6):
+        super().__init__()
+        self.stride = stride
+        hidden = expand if expand > 8 else cin * expand  # V3 configs give the width, V2 a ratio
+        layers: list[nn.Module] = []
+        if hidden != cin:
+            layers.append(conv_bn_act(cin, hidden, 1, act=act))
+        layers += [conv_bn_act(hidden, hidden, kernel, stride, groups=hidden, act=act),
+                   conv_bn_act(hidden, cout, 1, act=None)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return x + y if self.residual else y
+
+
+class MobileHead(nn.Module):
+    """Last 1x1 conv (BN, activation), global average pool, classifier (V3: a hidden layer)."""
+
+    def __init__(self, cin: int, channels: int, num_classes: int, act: type[nn.Module],
+                 hidden: int | None = None):
+        super().__init__()
+        self.conv = conv_bn_act(cin, channels, 1, act=act)
+        fc: list[nn.Module] = [nn.Linear(channels, hidden), act()] if hidden else []
+        self.fc = nn.Sequential(*fc, nn.Linear(hidden or channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
+# (expansion ratio, channels, repeats, stride): MobileNetV2 (Sandler et al., 2018)
+MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                (6, 160, 3, 2), (6, 320, 1, 1))
+# (kernel, expansion width, channels, hard-swish, stride): MobileNetV3-Small's layout
+# (Howard et al., 2019) without squeeze-and-excitation
+MOBILENET_V3S = ((3, 16, 16, False, 2), (3, 72, 24, False, 2), (3, 88, 24, False, 1),
+                 (5, 96, 40, True, 2), (5, 240, 40, True, 1), (5, 240, 40, True, 1),
+                 (5, 120, 48, True, 1), (5, 144, 48, True, 1), (5, 288, 96, True, 2),
+                 (5, 576, 96, True, 1), (5, 576, 96, True, 1))
+
+
+def _width(c: int, mult: float) -> int:
+    return max(8, int(c * mult + 4) // 8 * 8)
+
+
+def mobilenet_v2(num_classes: int = 10, width: float = 1.0, imagenet_stem: bool = False) -> Backbone:
+    """At 32x32 (``imagenet_stem`` off) the stem and the first stride-2 stage run at stride 1."""
+    cin = _width(32, width)
+    stem = conv_bn_act(3, cin, 3, 2 if imagenet_stem else 1)
+    blocks: list[nn.Module] = []
+    for stage, (t, c, n, s) in enumerate(MOBILENET_V2):
+        cout = _width(c, width)
+        for i in range(n):
+            stride = s if i == 0 and (imagenet_stem or stage != 1) else 1
+            blocks.append(InvertedResidual(cin, cout, stride, t))
+            cin = cout
+    head = MobileHead(cin, _width(1280, max(1.0, width)), num_classes, nn.ReLU6)
+    return Backbone(stem, blocks, head, stem_channels=_width(32, width),
+                    stem_stride=2 if imagenet_stem else 1, meta_kernel=1,
+                    input_size=224 if imagenet_stem else 32)
+
+
+def mobilenet_v3s(num_classes: int = 10, width: float = 1.0, imagenet_stem: bool = False) -> Backbone:
+    """MobileNetV3-Small-style (hard-swish, 5x5 depthwise); at 32x32 the stem and the first
+    block run at stride 1."""
+    cin = _width(16, width)
+    stem = conv_bn_act(3, cin, 3, 2 if imagenet_stem else 1, act=HardSwish)
+    blocks: list[nn.Module] = []
+    for i, (k, e, c, hs, s) in enumerate(MOBILENET_V3S):
+        cout = _width(c, width)
+        stride = s if imagenet_stem or i != 0 else 1
+        blocks.append(InvertedResidual(cin, cout, stride, _width(e, width), k,
+                                       HardSwish if hs else nn.ReLU))
+        cin = cout
+    head = MobileHead(cin, _width(576, width), num_classes, HardSwish, hidden=1024)
+    return Backbone(stem, blocks, head, stem_channels=_width(16, width),
+                    stem_stride=2 if imagenet_stem else 1, meta_kernel=1,
+                    input_size=224 if imagenet_stem else 32)
+
+
 def create_model(name: str, num_classes: int | None = None) -> Backbone:
     """Build a named architecture from ``CONFIGS`` with fresh weights."""
     if name not in CONFIGS:
@@ -200,14 +313,21 @@ def create_model(name: str, num_classes: int | None = None) -> Backbone:
     classes = num_classes or cfg.num_classes
     if cfg.family == "wrn":
         return wide_resnet(cfg.depth, cfg.width, classes)
-    return resnet(cfg.stages, cfg.width, cfg.block, classes, cfg.imagenet_stem)
+    if cfg.family == "mobilenet_v2":
+        return mobilenet_v2(classes, cfg.width / 100, cfg.imagenet_stem)
+    if cfg.family == "mobilenet_v3":
+        return mobilenet_v3s(classes, cfg.width / 100, cfg.imagenet_stem)
+    model = resnet(cfg.stages, cfg.width, cfg.block, classes, cfg.imagenet_stem)
+    model.input_size = cfg.input_size
+    return model
 
 
 def block_channels(model: Backbone) -> list[tuple[int, int, int]]:
-    """(in_channels, out_channels, stride) of each residual block, found by a dry run."""
+    """(in_channels, out_channels, stride) of each block, found by a dry run at the model's
+    input size."""
     shapes = []
-    cfg_size = 32
-    x = torch.zeros(1, 3, cfg_size, cfg_size)
+    size = getattr(model, "input_size", 32)
+    x = torch.zeros(1, getattr(model, "in_channels", 3), size, size)
     with torch.no_grad():
         was_training = model.training
         model.eval()

@@ -9,7 +9,7 @@ bundle's training graph into ``portable_step.onnx``, which plain onnxruntime run
 
 Each onnxruntime-training op of the generated graph is replaced by its standard-op definition:
 BatchNormInternal (training-mode BatchNorm), BatchNormalizationGrad, ConvGrad (input gradient by
-ConvTranspose, weight gradient by a convolution of the transposed input with the transposed
+ConvTranspose, grouped as the convolution is, weight gradient by a convolution of the transposed input with the transposed
 output gradient), ReluGrad, LogSoftmaxGrad, Scale; gradient accumulators are dropped.
 """
 from __future__ import annotations
@@ -94,15 +94,18 @@ def _conv_grad(b: _Builder, node: onnx.NodeProto, spatial: dict[str, list[int]])
     strides = list(a.get("strides", [1] * nd))
     pads = list(a.get("pads", [0] * 2 * nd))
     dil = list(a.get("dilations", [1] * nd))
-    if a.get("group", 1) != 1:
-        raise NotImplementedError(f"grouped ConvGrad {node.name} has no portable form here")
+    group = a.get("group", 1)
+    if group != 1 and (outs[1] or outs[2]):  # meta networks' convs are plain; frozen ones need only dX
+        raise NotImplementedError(f"weight gradient of grouped convolution {node.name} has no portable form here")
     xs = spatial[x]
     ys = [(xs[d] + pads[d] + pads[d + nd] - dil[d] * (k[d] - 1) - 1) // strides[d] + 1 for d in range(nd)]
     if outs[0]:
         out_pad = [xs[d] - ((ys[d] - 1) * strides[d] - pads[d] - pads[d + nd] + dil[d] * (k[d] - 1) + 1)
                    for d in range(nd)]
+        # a grouped conv's weights (Cout, Cin/g, k, k) are ConvTranspose's (Cin', Cout'/g, k, k)
+        # for dY -> dX, group for group
         b.op("ConvTranspose", [dy, w], outs[0], kernel_shape=k, strides=strides, pads=pads,
-             dilations=dil, output_padding=out_pad)
+             dilations=dil, output_padding=out_pad, group=group)
     if outs[1]:
         xt = b.op("Transpose", [x], perm=[1, 0, 2, 3])
         dyt = b.op("Transpose", [dy], perm=[1, 0, 2, 3])
