@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import methods, tta
+from benchmarks import methods, source_models, tta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,3 +165,23 @@ def test_readme_results_table_is_the_generated_one():
     table = report.readme_table(data)
     assert table in (ROOT / "README.md").read_text(), "paste: python -m benchmarks.report --readme-table"
     assert table.count("\n") == 2 + len(report.README_METHODS)
+
+
+def test_source_models_report_gathers_training_checkpoints(tmp_path, tiny_ckpt):
+    """benchmarks/results/source_models.json is written by ``python -m benchmarks.source_models``
+    from training checkpoints: their measured facts, no weights."""
+    from edgetta_export import checkpoint
+    ckpt = {**tiny_ckpt, "test_accuracy": 0.5, "train_time_s": 1.0, "history": [{"epoch": 1}],
+            "dataset": "fashion-mnist", "command": "python -m edgetta_export.train ..."}
+    checkpoint.save(tmp_path / "tiny_erk80.pt", ckpt)
+    out = tmp_path / "source_models.json"
+    out.write_text(json.dumps({"older": {"test_accuracy": 0.9}}))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.source_models", str(tmp_path / "tiny_erk80.pt"),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data) == {"older", "tiny_erk80"}
+    assert data["tiny_erk80"]["test_accuracy"] == 0.5 and data["tiny_erk80"]["pruning"]["sparsity"] == 0.8
+    assert "state_dict" not in data["tiny_erk80"] and "masks" not in data["tiny_erk80"]
+    committed = json.loads((ROOT / "benchmarks" / "results" / "source_models.json").read_text())
+    assert set(committed["wrn16_2_erk80"]) <= set(source_models.FIELDS)  # the committed report has this form
