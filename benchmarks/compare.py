@@ -2,9 +2,9 @@
 (EcoTTA on onnxruntime-training), same backbone, same corrupted stream, same batch size, each
 method in a fresh process, in one run.
 
-    python -m benchmarks.compare                      # everything below except sparsity (~35 min on 2 cores)
+    python -m benchmarks.compare                      # every suite below except sparsity
     python -m benchmarks.compare --suites sparsity    # the pruning side (benchmarks/sparsity.py)
-    python -m benchmarks.compare --smoke              # a tiny run of every suite (a minute or two)
+    python -m benchmarks.compare --smoke              # a tiny run of every suite (what the tests run)
 
 Suites (``--suites``):
 - ``main``: continual stream, 15 corruption types at severity 5 in the standard order, no reset,

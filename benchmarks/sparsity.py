@@ -1,6 +1,6 @@
 """The random-pruning side: what backbone sparsity costs and buys, on the default architecture.
 
-    python -m benchmarks.sparsity                 # dense, uniform and ERK at 50/80/90% (~20 min on 2 cores)
+    python -m benchmarks.sparsity                 # dense, uniform and ERK at 50/80/90% (trains 7 models)
     python -m benchmarks.sparsity --smoke
 
 For each backbone (WRN-16-2, dense or randomly pruned at initialization): a SHORT training

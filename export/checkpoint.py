@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgetta.system import atomic_write
+
 from .models import Backbone, create_model
 
 
@@ -29,11 +31,8 @@ def unpack_masks(packed: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        torch.save(payload, f)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -24,13 +24,14 @@ import functools
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 from scipy import ndimage
+
+from edgetta.system import atomic_write
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",
@@ -557,16 +558,8 @@ def corrupt_dataset(images: np.ndarray, name: str, severity: int, seed: int = 0,
         if cached is not None and cached.dtype == np.uint8 and cached.size == images.size:
             return cached.reshape(images.shape)
     out = corrupt(images, name, severity, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, out)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.save(f, out)
     return out
 
 
@@ -634,9 +627,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     g.add_argument("--out", required=True, help="PNG file to write")
     g.add_argument("--npy", help="uint8 (N, 32, 32, 3) .npy; the first image is shown "
                                  "(default: a synthetic test pattern)")
-    g.add_argument("--index", type=int, default=0, help="which image of --npy to show")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--scale", type=int, default=3, help="nearest-neighbour upscaling factor")
+    g.add_argument("--index", type=int, default=0, help="which image of --npy to show (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--scale", type=int, default=3, help="nearest-neighbour upscaling factor (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.npy:
         images = np.load(args.npy, mmap_mode="r")

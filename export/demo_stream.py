@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from edgetta.system import atomic_write
+
 from . import datasets
 from .corruptions import CORRUPTIONS, corrupt
 
@@ -59,14 +61,15 @@ def build(per_type: int, severity: int | Sequence[int], seed: int, data_root: st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgetta_export.demo_stream", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--per-type", type=int, default=200)
-    p.add_argument("--severity", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--out", default="edgetta/data/demo_stream.npz")
+    p.add_argument("--per-type", type=int, default=200, help="images per corruption type (default: %(default)s)")
+    p.add_argument("--severity", type=int, default=5, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: the system's)")
+    p.add_argument("--out", default="edgetta/data/demo_stream.npz", help="(default: %(default)s)")
     a = p.parse_args(argv)
     stream = build(a.per_type, a.severity, a.seed, a.data_root)
-    np.savez_compressed(a.out, **stream)
+    with atomic_write(a.out) as f:
+        np.savez_compressed(f, **stream)
     print(f"wrote {a.out}: {len(stream['images'])} frames")
     return 0
 

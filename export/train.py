@@ -79,8 +79,9 @@ def train(model_name: str, scheme: str, sparsity: float, epochs: int, batch: int
     for epoch in range(epochs):
         model.train()
         order = rng.permutation(len(x_train))
+        # a bar on a terminal only (disable=None); the epoch's JSON line below goes to logs
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                   file=sys.stderr, dynamic_ncols=True)
+                   file=sys.stderr, dynamic_ncols=True, disable=None)
         loss_sum = 0.0
         for step in bar:
             idx = order[step * batch:(step + 1) * batch]
@@ -117,19 +118,19 @@ def train(model_name: str, scheme: str, sparsity: float, epochs: int, batch: int
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgetta_export.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="wrn16_2", choices=sorted(CONFIGS))
-    p.add_argument("--scheme", default="erk", choices=SCHEMES)
-    p.add_argument("--sparsity", type=float, default=0.8, help="0 trains the dense twin")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dataset", default="fashion-mnist", choices=datasets.DATASETS)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="wrn16_2", choices=sorted(CONFIGS), help="architecture (default: %(default)s)")
+    p.add_argument("--scheme", default="erk", choices=SCHEMES, help="random pruning scheme (default: %(default)s)")
+    p.add_argument("--sparsity", type=float, default=0.8, help="0 trains the dense twin (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=6, help="(default: %(default)s)")
+    p.add_argument("--batch", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.1, help="OneCycle peak learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--dataset", default="fashion-mnist", choices=datasets.DATASETS, help="(default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset's files (default: the system's)")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N images only (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", required=True, help="checkpoint to write")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
