@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import serve
+from . import __version__, serve
+from .targets import TARGETS
 
 EXPORT_HINT = ("edgetta export needs the host toolchain (PyTorch and ONNX), which the device "
                "install leaves out. Install it with:  pip install 'edgetta[export]'")
@@ -25,7 +27,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool = True):
     try:
         from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, unit="batch", file=sys.stderr,
-                    disable=not enabled, dynamic_ncols=True)
+                    disable=None if enabled else True, dynamic_ncols=True)
     except ImportError:
         return iterable
 
@@ -37,13 +39,37 @@ def cmd_export(a: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"error: {EXPORT_HINT}\n(missing module: {e.name})", file=sys.stderr)
         return 2
-    ckpt_path = Path(a.checkpoint) if a.checkpoint else host_bundle.DEFAULT_CHECKPOINT
+    from .errors import EdgettaError
+
     t = time.time()
-    manifest = host_bundle.export_bundle(
-        ckpt_io.load(ckpt_path), a.out, lr=a.lr, momentum=a.momentum, lam=a.lam, e0=a.e0,
-        batch_size=a.batch, sparse_storage=not a.dense_storage, lean=not a.no_lean)
+    try:
+        if a.arch:
+            from edgetta_export import own
+            if not a.data:
+                raise ValueError("--arch needs --data: the meta networks are warmed up on your images")
+            opts = own.WarmupOptions(k=a.k, epochs=a.warmup_epochs, batch=a.warmup_batch, seed=a.seed)
+            result = own.from_image_folder(
+                a.arch, a.data, a.weights, input_size=a.input_size, options=opts,
+                boundaries=a.boundaries.split(",") if a.boundaries else None, mean=a.mean, std=a.std)
+            ckpt, source = result.checkpoint, f"{a.arch} ({a.weights or 'untrained'})"
+            print(f"clean accuracy on {result.held_back_images} held-back images of {a.data}: "
+                  f"{100 * result.accuracy_before:.1f}% before meta warm-up, "
+                  f"{100 * result.accuracy_after:.1f}% after ({result.train_images} images, "
+                  f"parts end at {', '.join(result.part_ends)})", flush=True)
+            if a.save_checkpoint:
+                ckpt_io.save(a.save_checkpoint, ckpt)
+        else:
+            ckpt_path = Path(a.checkpoint) if a.checkpoint else host_bundle.DEFAULT_CHECKPOINT
+            ckpt, source = ckpt_io.load(ckpt_path), ckpt_path.name
+        manifest = host_bundle.export_bundle(
+            ckpt, a.out, lr=a.lr, momentum=a.momentum, lam=a.lam, e0=a.e0,
+            batch_size=a.batch, sparse_storage=not a.dense_storage, lean=not a.no_lean,
+            profile=not a.no_profile)
+    except (EdgettaError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bb = manifest["backbone"]
-    print(f"exported {ckpt_path.name} -> {a.out} in {time.time() - t:.1f}s: "
+    print(f"exported {source} -> {a.out} in {time.time() - t:.1f}s: "
           f"{manifest['model']['architecture']}, K={manifest['ecotta']['k']} meta networks, "
           f"{manifest['parameters']['trainable']} trainable / {manifest['parameters']['backbone']} "
           f"backbone parameters, backbone density {bb['density']:.3f}, "
@@ -67,15 +93,25 @@ def run_stream(adapter, images: np.ndarray, batch: int, adapt: bool, progress: b
 
 def cmd_adapt(a: argparse.Namespace) -> int:
     from .adapter import Adapter
-    from .bundle import BundleError
+    from .errors import EdgettaError
     from .streams import load_stream
 
     try:
-        adapter = Adapter.load(a.bundle, provider=a.provider, lr=a.lr, engine=a.engine)
-    except (BundleError, RuntimeError) as e:
+        if a.batch < 1 or (a.limit is not None and a.limit < 1):
+            raise ValueError("--batch and --limit must be at least 1")
+        adapter = Adapter.load(a.bundle, engine=a.engine, provider=a.provider, lr=a.lr,
+                               threads=a.threads)
+    except (EdgettaError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stream = load_stream(a.stream)
+    if not a.json:
+        print(f"engine {adapter.engine}, provider {adapter.provider} ({engine_note(adapter.engine)}), "
+              f"{platform.machine()}", flush=True)
+    try:
+        stream = load_stream(a.stream)
+    except (EdgettaError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     images, labels = stream.images[:a.limit], (None if stream.labels is None else stream.labels[:a.limit])
     show = not a.quiet
     t0 = time.perf_counter()
@@ -87,6 +123,7 @@ def cmd_adapt(a: argparse.Namespace) -> int:
     report = {
         "bundle": str(a.bundle), "stream": stream.description, "frames": int(len(images)),
         "batch": a.batch, "lr": adapter.lr, "momentum": adapter.momentum, "engine": adapter.engine,
+        "provider": adapter.provider, "machine": platform.machine(),
         "accuracy_no_adaptation": _accuracy(source, labels),
         "accuracy_adapted": _accuracy(adapted, labels),
         "ms_per_batch_inference": 1e3 * (t1 - t0) / max(1, -(-len(images) // a.batch)),
@@ -117,40 +154,65 @@ def cmd_adapt(a: argparse.Namespace) -> int:
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
-    from .bundle import Bundle, BundleError
-    from .profile import MIB, analyse, format_table, measure_step, plot
+    """Exit 0: the adaptation step fits the target's budget; 1: it does not; 2: error."""
+    from .bundle import Bundle
+    from .engines import choose_engine
+    from .errors import EdgettaError
+    from .profile import analyse, format_table, measure_step, plot, verdict
     from .targets import get_target
 
     try:
         bundle = Bundle.open(a.bundle)
         target = get_target(a.target)
-    except (BundleError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if a.budget is not None:
-        target = type(target)(**{**target.as_dict(), "budget_mib": int(a.budget)})
-    batch = a.batch or bundle.manifest["adaptation"]["batch_size"]
-    report = analyse(bundle, target, batch)
-    try:
-        measured = None if a.no_measure else measure_step(bundle.path, batch, provider=a.provider)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if measured:
+        if a.budget is not None:
+            if not 0 < a.budget < 1 << 30:
+                raise ValueError(f"--budget must be a positive number of MiB, got {a.budget:g}")
+            target = type(target)(**{**target.as_dict(), "budget_mib": a.budget})
+        engine = choose_engine(a.engine, bundle)
+        batch = a.batch or bundle.manifest.adaptation.batch_size
+        if not 1 <= batch <= 65536:
+            raise ValueError(f"--batch must be in 1..65536, got {batch}")
+        report = analyse(bundle, target, batch, engine=engine)
+        measured = None if a.no_measure else measure_step(bundle.path, batch, provider=a.provider,
+                                                          engine=engine)
+        judged = verdict(report, target, measured)
         report["measured"] = measured
-        report["fits"] = report["fits"] and measured["peak_after_step"] <= target.budget_mib * MIB
-    if a.plot:
-        plot(report, a.plot)
+        report["fits"] = judged.fits
+        report["verdict"] = {"fits": judged.fits, "peak_rss_mib": judged.peak_mib,
+                             "budget_mib": judged.budget_mib, "measured": judged.measured,
+                             "quantity": "peak RSS of the adapting process", "how": judged.how}
+        if a.plot:
+            plot(report, a.plot)
+    except (EdgettaError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_table(report, measured))
-    return 0 if report["fits"] else 1
+        print(format_table(report, measured, judged))
+    return 0 if judged.fits else 1
+
+
+def engine_note(engine: str) -> str:
+    return ("onnxruntime-training" if engine == "ort-training"
+            else "portable step on plain onnxruntime")
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """--engine, --provider and --threads, as 'adapt' and 'serve' take them."""
+    p.add_argument("--engine", default="auto", choices=["auto", "ort-training", "onnx"],
+                   help="auto: onnxruntime-training where it is installed, else the portable "
+                        "step on plain onnxruntime")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="execution provider (auto: CUDA where this onnxruntime has it)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime threads (default: onnxruntime's, all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgetta", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"edgetta {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="export a warmed-up checkpoint to a device bundle (host)")
@@ -168,6 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-lean", action="store_true",
                    help="keep onnxruntime-training's training graph as generated (frozen layers "
                         "keep float activations) instead of the mask-based rewrite")
+    e.add_argument("--no-profile", action="store_true",
+                   help="skip the memory profile (one measured adaptation step) in the manifest")
+    own = e.add_argument_group("your own model and images (instead of --checkpoint)")
+    own.add_argument("--arch", default=None,
+                     help="zoo name (wrn16_2, resnet26, mobilenet_v2, mobilenet_v3s, ...) or "
+                          "package.module:factory returning any BatchNorm CNN")
+    own.add_argument("--weights", default=None, help="its state dict (.pt); without it, untrained")
+    own.add_argument("--data", default=None,
+                     help="image folder, one subfolder per class (JPEG/PNG): warm-up and clean accuracy")
+    own.add_argument("--input-size", type=int, default=None,
+                     help="square input size (default: the zoo model's, else 32)")
+    own.add_argument("--k", type=int, default=4, help="number of parts / meta networks")
+    own.add_argument("--boundaries", default=None,
+                     help="comma-separated module names that end the K parts (default: found by torch.fx)")
+    own.add_argument("--mean", type=float, nargs=3, default=None,
+                     help="per-channel mean the weights were trained with (default: the folder's)")
+    own.add_argument("--std", type=float, nargs=3, default=None)
+    own.add_argument("--warmup-epochs", type=float, default=1.0)
+    own.add_argument("--warmup-batch", type=int, default=64)
+    own.add_argument("--seed", type=int, default=0)
+    own.add_argument("--save-checkpoint", default=None, help="also write the warmed-up host checkpoint here")
     e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("adapt", help="adapt a bundle on a labelled stream and report accuracy")
@@ -176,9 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=int, default=64)
     d.add_argument("--limit", type=int, default=None, help="use the first N frames")
     d.add_argument("--lr", type=float, default=None, help="override the bundle's learning rate")
-    d.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    d.add_argument("--engine", default="ort-training", choices=["ort-training", "onnx"],
-                   help="onnxruntime-training, or the portable step on plain onnxruntime")
+    add_engine_options(d)
     d.add_argument("--json", action="store_true", help="print a JSON report")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_adapt)
@@ -186,11 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("profile", help="memory of one adaptation step and of inference on a target")
     f.add_argument("bundle")
-    f.add_argument("--target", default="x86-64",
-                   help="x86-64, rpi4-4gb, rpi4-1gb, jetson-orin-nano, arm-sbc-512mb")
+    f.add_argument("--target", default="x86-64", help=", ".join(TARGETS))
     f.add_argument("--batch", type=int, default=None, help="adaptation batch (default: the bundle's)")
     f.add_argument("--budget", type=float, default=None, help="MiB; overrides the target's budget")
-    f.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    f.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
+    f.add_argument("--engine", default="auto", choices=["auto", "ort-training", "onnx"],
+                   help="the engine to profile and measure (auto: the one 'adapt' would use)")
     f.add_argument("--no-measure", action="store_true",
                    help="static analysis only (no adaptation step is run on this machine)")
     f.add_argument("--json", action="store_true")

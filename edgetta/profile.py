@@ -8,13 +8,19 @@ forward pass ends are the activations kept for backward; each is judged by what 
 read it later really need. A target profile (``edgetta.targets``) sets element sizes and
 allocator alignment, so targets we cannot run here are still checked.
 
-Measured part: peak RSS of a real adaptation step in a fresh process (``measure_step``).
+The probe needs the ``onnx`` package (host side); the exporter writes what it finds (nodes,
+tensor sizes, weights) into the bundle as JSON (``graphs.facts``), so a device profiles a bundle
+with only the base dependencies (``bundle_facts``).
+
+Measured part: peak RSS of a real adaptation step in a fresh process (``measure_step``), on the
+engine that will run there.
 """
 from __future__ import annotations
 
 import heapq
 import json
 import os
+import platform
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -23,11 +29,22 @@ from typing import Any
 
 import numpy as np
 
+from . import manifest as names
 from .bundle import Bundle
+from .errors import BundleError, EdgettaError
+from .system import MIB, atomic_write
 from .targets import Target
 
-MIB = 1024 * 1024
-_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+FACTS_FILE = "graph_facts.json"
+FACTS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Node:
+    """What the analysis needs of a graph node (the same attributes as onnx's NodeProto)."""
+    op_type: str
+    input: tuple[str, ...]
+    output: tuple[str, ...]
 
 
 @dataclass
@@ -61,9 +78,27 @@ class GraphFacts:
             self._order = execution_order(self.nodes)
         return self._order
 
+    def to_json(self) -> dict[str, Any]:
+        return {"nodes": [[n.op_type, list(n.input), list(n.output)] for n in self.nodes],
+                "tensors": {k: [t.elems1, t.elems2, t.itemsize, t.is_float, list(t.shape1)]
+                            for k, t in self.tensors.items()},
+                "params": self.params}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "GraphFacts":
+        try:
+            nodes = [Node(str(op), tuple(map(str, ins)), tuple(map(str, outs)))
+                     for op, ins, outs in data["nodes"]]
+            tensors = {str(k): TensorInfo(str(k), int(e1), int(e2), int(size), bool(fl), tuple(map(int, shape)))
+                       for k, (e1, e2, size, fl, shape) in data["tensors"].items()}
+            params = {str(k): int(v) for k, v in data["params"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BundleError(f"graph facts are malformed ({type(e).__name__}: {e})") from None
+        return cls(nodes, tensors, params)
+
 
 def _onnx():
-    import onnx  # ships with onnxruntime-training (its own dependency)
+    import onnx  # host side only: the exporter's dependency
     return onnx
 
 
@@ -83,43 +118,55 @@ def _probe(model, feeds_for_batch, batches=(1, 2)) -> dict[str, TensorInfo]:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    out_names = [o.name for o in sess.get_outputs()]
     runs = []
     for b in batches:
         outs = sess.run(None, feeds_for_batch(b))
-        runs.append({n: np.asarray(o) for n, o in zip(names, outs)})
+        runs.append({n: np.asarray(o) for n, o in zip(out_names, outs)})
     infos = {}
-    for n in names:
+    for n in out_names:
         a1, a2 = runs[0][n], runs[1][n]
         infos[n] = TensorInfo(n, int(a1.size), int(a2.size), a1.dtype.itemsize,
-                              np.issubdtype(a1.dtype, np.floating), tuple(a1.shape))
+                              bool(np.issubdtype(a1.dtype, np.floating)), tuple(a1.shape))
     feeds = feeds_for_batch(1)
     for n, v in feeds.items():
         v2 = feeds_for_batch(2)[n]
         infos.setdefault(n, TensorInfo(n, int(v.size), int(v2.size), v.dtype.itemsize,
-                                       np.issubdtype(v.dtype, np.floating), tuple(v.shape)))
+                                       bool(np.issubdtype(v.dtype, np.floating)), tuple(v.shape)))
     return infos
 
 
-def _init_elems(graph) -> dict[str, int]:
+def initializer_elems(graph: Any) -> dict[str, int]:
+    """Elements of every initializer of an onnx GraphProto, dense and sparse alike."""
     out = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
     out.update({s.values.name: int(np.prod(s.dims)) for s in graph.sparse_initializer})
     return out
 
 
+def _facts(model: Any, feeds: Any) -> GraphFacts:
+    nodes = [Node(n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+    return GraphFacts(nodes, _probe(model, feeds), initializer_elems(model.graph))
+
+
+def _frames(bundle: Bundle, batch: int) -> np.ndarray:
+    c, h, w = bundle.manifest.input.shape
+    return np.random.default_rng(0).standard_normal((batch, c, h, w)).astype(np.float32)
+
+
 def training_facts(bundle: Bundle) -> GraphFacts:
+    """Facts of the onnxruntime-training graph (host side: needs onnx and onnxruntime-training)."""
     onnx = _onnx()
     from ._ort import training_api
-    model = onnx.load(str(bundle.file("training_model.onnx")))
-    state = training_api().CheckpointState.load_checkpoint(str(bundle.file("checkpoint")))
-    c, h, w = bundle.manifest["input"]["shape"]
+    g = bundle.manifest.graphs.training
+    model = onnx.load(str(bundle.file(g.file)))
+    state = training_api().CheckpointState.load_checkpoint(str(bundle.file(g.checkpoint)))
 
     def feeds(batch: int) -> dict[str, np.ndarray]:
         out = {}
         for i in model.graph.input:
             shape = [d.dim_value for d in i.type.tensor_type.shape.dim]
-            if i.name == "input":
-                out[i.name] = np.random.default_rng(0).standard_normal((batch, c, h, w)).astype(np.float32)
+            if i.name == names.INPUT:
+                out[i.name] = _frames(bundle, batch)
             elif i.name.endswith(".accumulation.buffer"):
                 out[i.name] = np.zeros(shape, np.float32)
             elif i.type.tensor_type.elem_type == onnx.TensorProto.BOOL:
@@ -128,18 +175,59 @@ def training_facts(bundle: Bundle) -> GraphFacts:
                 out[i.name] = state.parameters[i.name].data
         return out
 
-    return GraphFacts(list(model.graph.node), _probe(model, feeds), _init_elems(model.graph))
+    return _facts(model, feeds)
+
+
+def portable_facts(bundle: Bundle) -> GraphFacts | None:
+    """Facts of the portable step graph, if the bundle has one (host side: needs onnx)."""
+    step = bundle.manifest.graphs.portable_step
+    if step is None:
+        return None
+    model = _onnx().load(str(bundle.file(step.file)))
+    init = bundle.initial_meta_state()
+    m = bundle.manifest
+
+    def feeds(batch: int) -> dict[str, np.ndarray]:
+        out = {names.INPUT: _frames(bundle, batch), names.LR: np.array(m.adaptation.lr, np.float32),
+               names.MOMENTUM: np.array(m.adaptation.momentum, np.float32)}
+        for p in m.trainable:
+            out[p] = init[p]
+            out[names.velocity(p)] = np.zeros_like(init[p])
+        return out
+
+    return _facts(model, feeds)
 
 
 def inference_facts(bundle: Bundle) -> GraphFacts:
-    onnx = _onnx()
-    model = onnx.load(str(bundle.file("inference.onnx")))
-    c, h, w = bundle.manifest["input"]["shape"]
+    """Facts of the inference graph (host side: needs onnx)."""
+    model = _onnx().load(str(bundle.file(bundle.manifest.graphs.inference.file)))
+    return _facts(model, lambda batch: {names.INPUT: _frames(bundle, batch)})
 
-    def feeds(batch: int) -> dict[str, np.ndarray]:
-        return {"input": np.random.default_rng(0).standard_normal((batch, c, h, w)).astype(np.float32)}
 
-    return GraphFacts(list(model.graph.node), _probe(model, feeds), _init_elems(model.graph))
+def write_facts(bundle: Bundle, path: str | os.PathLike) -> None:
+    """Probe every graph of ``bundle`` and write the facts the device profiles from (export)."""
+    graphs = {"ort-training": training_facts(bundle), "inference": inference_facts(bundle)}
+    portable = portable_facts(bundle)
+    if portable is not None:
+        graphs["onnx"] = portable
+    data = {"format": FACTS_FORMAT, "graphs": {k: v.to_json() for k, v in graphs.items()}}
+    with atomic_write(path, "w") as f:
+        json.dump(data, f, separators=(",", ":"))
+
+
+def bundle_facts(bundle: Bundle) -> dict[str, GraphFacts]:
+    """The facts the exporter wrote into the bundle: "ort-training", "inference" and, with a
+    portable step, "onnx". Needs neither onnx nor torch."""
+    name = bundle.manifest.graphs.facts
+    if name is None:
+        raise BundleError(f"{bundle.path} carries no graph facts for the profiler: export it again")
+    try:
+        data = json.loads(bundle.file(name).read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise BundleError(f"{bundle.path}: {name} cannot be read: {str(e)[:200]}") from None
+    if not isinstance(data, dict) or data.get("format") != FACTS_FORMAT or not isinstance(data.get("graphs"), dict):
+        raise BundleError(f"{bundle.path}: {name} is not graph facts of format {FACTS_FORMAT}")
+    return {k: GraphFacts.from_json(v) for k, v in data["graphs"].items()}
 
 
 def _kept_for_backward(order: list[Any], chain_output: str) -> dict[str, list[tuple[Any, int]]]:
@@ -269,26 +357,33 @@ def _second_layout_elems(train: GraphFacts, trainable: set[str]) -> int:
 
 
 def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None = None,
-            train: GraphFacts | None = None, infer: GraphFacts | None = None) -> dict[str, Any]:
-    """Static memory breakdown of one adaptation step and of inference, in bytes."""
+            train: GraphFacts | None = None, infer: GraphFacts | None = None,
+            engine: str = "ort-training") -> dict[str, Any]:
+    """Static memory breakdown of one adaptation step of ``engine`` and of inference, in bytes.
+    Without ``train`` / ``infer`` the facts the bundle carries are used."""
     m = bundle.manifest
-    train = train or training_facts(bundle)
-    infer = infer or inference_facts(bundle)
-    momentum = m["adaptation"]["momentum"] if momentum is None else momentum
+    if train is None or infer is None:
+        facts = bundle_facts(bundle)
+        if engine not in facts:
+            raise BundleError(f"{bundle.path} carries no graph facts for engine {engine}")
+        train, infer = train or facts[engine], infer or facts["inference"]
+    momentum = m.adaptation.momentum if momentum is None else momentum
     fb = target.float_bytes
-    trainable = set(m["trainable"])
-    stats = set(m["frozen"]["meta_running_stats"])
+    trainable = set(m.trainable)
+    stats = set(m.meta_running_stats)
 
-    def pbytes(names) -> int:
-        return int(sum(train.tensors[n].nbytes(1, target) if n in train.tensors else 0 for n in names))
+    def pbytes(tensor_names) -> int:
+        return int(sum(train.tensors[n].nbytes(1, target) if n in train.tensors else 0 for n in tensor_names))
 
     frozen_elems = sum(v for k, v in train.params.items())
     params_trainable = pbytes(trainable)
     buffers = pbytes(stats)
-    grads = params_trainable                     # persistent accumulation buffers
+    # onnxruntime-training keeps persistent gradient buffers; the portable step's gradients
+    # are ordinary tensors of its run (counted in the workspace)
+    grads = params_trainable if engine == "ort-training" else 0
     optimizer = params_trainable if momentum else 0
 
-    consumers = _kept_for_backward(train.order(), "logits")
+    consumers = _kept_for_backward(train.order(), names.LOGITS)
     kept = []
     for name, cons in consumers.items():
         info = train.tensors.get(name)
@@ -317,7 +412,7 @@ def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None =
     inference["total"] = infer_params + infer_peak
     lean = by_need["needed"] + by_need["sign mask"] // (8 * fb)
     return {
-        "bundle": str(bundle.path), "target": target.as_dict(), "batch": batch,
+        "bundle": str(bundle.path), "target": target.as_dict(), "batch": batch, "engine": engine,
         "adaptation": adaptation, "inference": inference,
         "activations_by_need": by_need,
         "activations_if_masks_only": lean,
@@ -326,41 +421,21 @@ def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None =
     }
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far: VmHWM on Linux (psutil has no peak),
-    else ru_maxrss (KiB on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
 _MEASURE = r"""
-import json, sys, time
+import json, platform, sys, time
 sys.modules['torch'] = None
-import psutil
-proc = psutil.Process()
-from edgetta.profile import peak_rss_bytes as hwm
-rss_before_load, peak_before_load = proc.memory_info().rss, hwm()
+from edgetta.system import peak_rss_bytes as hwm, reset_peak_rss, rss_bytes
+rss_before_load, peak_before_load = rss_bytes(), hwm()
 import numpy as np
 from edgetta import Adapter
-bundle, batch, provider, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-a = Adapter.load(bundle, provider=provider, memory_arena=sys.argv[5] == '1')
+bundle, batch, provider, steps, arena, engine = sys.argv[1:7]
+batch, steps = int(batch), int(steps)
+a = Adapter.load(bundle, provider=provider, memory_arena=arena == '1', engine=engine)
 frames = np.random.default_rng(0).integers(0, 256, (batch, *a.bundle.input_size, 3), dtype=np.uint8)
 x = a.preprocess(frames)
-try:  # reset the peak to the current RSS (Linux 4.0+), so that loading's transients do not hide the step's
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
-    peak_reset = True
-except OSError:
-    peak_reset = False
-rss_loaded = proc.memory_info().rss
+# reset the peak to the current RSS (Linux 4.0+), so that loading's transients do not hide the step's
+peak_reset = reset_peak_rss()
+rss_loaded = rss_bytes()
 hwm_loaded = hwm()
 t = time.perf_counter()
 for _ in range(steps):
@@ -373,41 +448,103 @@ infer_ms = (time.perf_counter() - t) * 1e3
 print(json.dumps(dict(rss_before_load=rss_before_load, peak_before_load=peak_before_load,
                       rss_loaded=rss_loaded, peak_loaded=hwm_loaded, peak_after_step=hwm_step,
                       peak_after_inference=hwm(), peak_reset=peak_reset, step_ms=step_ms,
-                      inference_ms=infer_ms)))
+                      inference_ms=infer_ms, engine=a.engine, provider=a.provider,
+                      machine=platform.machine(), python=platform.python_version())))
 """
 
 
+class MeasureError(EdgettaError):
+    """The fresh process measuring an adaptation step failed."""
+
+
 def measure_step(bundle_dir: str | os.PathLike, batch: int, provider: str = "cpu",
-                 steps: int = 2, arena: bool = False, timeout: float = 600) -> dict[str, Any]:
-    """Peak RSS of real adaptation steps in a fresh process (torch blocked, as on a device).
+                 steps: int = 2, arena: bool = False, timeout: float = 600,
+                 engine: str = "auto") -> dict[str, Any]:
+    """Peak RSS of real adaptation steps of ``engine`` in a fresh process (torch blocked, as on
+    a device). The result names the engine, provider and machine that measured.
 
     ``step_peak`` is the growth of the peak over the loaded process: activations, workspace and
     the allocator's own slack. onnxruntime exposes no arena statistics to Python, so RSS is the
     measured figure. The peak is reset after loading where Linux allows it (``peak_reset``);
-    otherwise a step that stays under loading's own peak is undercounted."""
+    otherwise a step that stays under loading's own peak is undercounted. Raises MeasureError
+    (an EdgettaError) with the child's last line when it fails."""
     env = dict(os.environ)  # the child imports this edgetta, installed or not
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    r = subprocess.run([sys.executable, "-c", _MEASURE, str(bundle_dir), str(batch), provider,
-                        str(steps), "1" if arena else "0"],
-                       capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        r = subprocess.run([sys.executable, "-c", _MEASURE, str(bundle_dir), str(batch), provider,
+                            str(steps), "1" if arena else "0", engine],
+                           capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise MeasureError(f"measuring an adaptation step of {bundle_dir} took over {timeout:g} s") from None
     if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"measuring an adaptation step of {bundle_dir} failed: {last}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+        last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}, no output"])[-1]
+        raise MeasureError(f"measuring an adaptation step of {bundle_dir} failed: {last[:300]}")
+    try:
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise MeasureError(f"measuring an adaptation step of {bundle_dir} printed no result") from None
     out["step_peak"] = out["peak_after_step"] - out["peak_loaded"]
     out["batch"] = batch
     return out
 
 
-def format_table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str:
+def arch_name(machine: str) -> str:
+    """The architecture name targets use for a ``platform.machine()`` value."""
+    m = machine.lower()
+    return {"amd64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}.get(m, m)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether one adaptation step fits a target, and by which figure it was judged. The
+    quantity is always the peak RSS of the adapting process: measured where this machine has
+    the target's architecture, else estimated as the static figure for the target plus the
+    runtime (interpreter, numpy, onnxruntime) this machine's fresh process held before loading."""
+    fits: bool
+    peak_mib: float
+    budget_mib: float
+    measured: bool
+    how: str
+
+    def line(self, target_name: str) -> str:
+        word = "fits" if self.fits else "DOES NOT FIT"
+        return (f"adaptation step {word} the {self.budget_mib:g} MiB budget of {target_name}: "
+                f"peak RSS {self.peak_mib:.1f} MiB ({self.how})")
+
+
+def verdict(report: dict[str, Any], target: Target, measured: dict[str, Any] | None) -> Verdict:
+    budget = float(target.budget_mib)
+    static = report["adaptation"]["total"] / MIB
+    same_arch = measured is not None and arch_name(measured["machine"]) == arch_name(target.arch)
+    if measured is not None and same_arch:
+        peak = measured["peak_after_step"] / MIB
+        how = (f"measured on this {measured['machine']} machine, engine {measured['engine']}, "
+               f"provider {measured['provider']}")
+        return Verdict(peak <= budget, peak, budget, True, how)
+    runtime = measured["rss_before_load"] / MIB if measured is not None else _RUNTIME_MIB
+    where = (f"runtime {runtime:.0f} MiB measured on this {measured['machine']} machine" if measured
+             else f"runtime {runtime:.0f} MiB assumed")
+    how = (f"estimated: static {static:.1f} MiB for {target.name} ({report['engine']}) + {where}; "
+           f"not measured on {target.arch}")
+    peak = static + runtime
+    return Verdict(peak <= budget, peak, budget, False, how)
+
+
+# Python, numpy and onnxruntime in a fresh process before a bundle is loaded, when nothing was
+# measured (--no-measure): the order of magnitude docs/devices.md reports for x86-64 and aarch64
+_RUNTIME_MIB = 60.0
+
+
+def format_table(report: dict[str, Any], measured: dict[str, Any] | None = None,
+                 judged: Verdict | None = None) -> str:
     t = report["target"]
     rows = [f"bundle {report['bundle']}  target {t['name']} ({t['arch']}, {t['ram_mib']} MiB RAM, "
-            f"budget {t['budget_mib']} MiB)  batch {report['batch']}", "",
-            f"{'one adaptation step':32s} {'MiB':>9s}"]
+            f"budget {t['budget_mib']} MiB)  batch {report['batch']}  engine {report['engine']}", "",
+            f"{'one adaptation step (static)':32s} {'MiB':>9s}"]
     for k, v in report["adaptation"].items():
         rows.append(f"  {k.replace('_', ' '):30s} {v / MIB:9.2f}")
-    rows += ["", f"{'inference alone':32s} {'MiB':>9s}"]
+    rows += ["", f"{'inference alone (static)':32s} {'MiB':>9s}"]
     for k, v in report["inference"].items():
         rows.append(f"  {k.replace('_', ' '):30s} {v / MIB:9.2f}")
     n = report["activations_by_need"]
@@ -417,15 +554,14 @@ def format_table(report: dict[str, Any], measured: dict[str, Any] | None = None)
              f"  not needed (frozen conv input) {n['not needed'] / MIB:9.2f}",
              f"  if only masks were kept        {report['activations_if_masks_only'] / MIB:9.2f}"]
     if measured:
-        rows += ["", f"measured (fresh process, {measured['batch']} frames): loaded RSS "
-                     f"{measured['rss_loaded'] / MIB:.1f} MiB, peak after step "
+        rows += ["", f"measured on this machine ({measured['machine']}, Python {measured['python']}, "
+                     f"engine {measured['engine']}, provider {measured['provider']}, fresh process, "
+                     f"{measured['batch']} frames): runtime before loading {measured['rss_before_load'] / MIB:.1f} MiB, "
+                     f"loaded {measured['rss_loaded'] / MIB:.1f} MiB, peak after step "
                      f"{measured['peak_after_step'] / MIB:.1f} MiB (step adds {measured['step_peak'] / MIB:.1f} MiB), "
                      f"step {measured['step_ms']:.1f} ms, inference {measured['inference_ms']:.1f} ms"]
-    verdict = "fits" if report["fits"] else "DOES NOT FIT"
-    figure = f"static estimate {report['adaptation']['total'] / MIB:.1f} MiB"
-    if measured:
-        figure += f", measured peak {measured['peak_after_step'] / MIB:.1f} MiB"
-    rows.append(f"\nadaptation step ({figure}) {verdict} the {t['budget_mib']} MiB budget of {t['name']}")
+    if judged is not None:
+        rows.append("\n" + judged.line(t["name"]))
     return "\n".join(rows)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_io
+from edgetta import manifest as contract
 from edgetta.bundle import sha256_file
 
 from .ecotta import EcoTTAModel, loss_from_features
@@ -42,7 +42,7 @@ from .portable import make_portable
 from .models import Backbone
 from .pruning import sparsity_report, total_density
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = contract.SUPPORTED_SCHEMA
 OPSET = 17
 TRAINING_FILES = ("training_model.onnx", "optimizer_model.onnx", "checkpoint")
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "wrn16_2_erk80_k4.pt"
@@ -145,7 +145,7 @@ class InferenceGraph(nn.Module):
 
 
 def stat_output_names(model: EcoTTAModel) -> list[str]:
-    return [f"stat.{name}.{s}" for name in meta_batchnorms(model) for s in ("mean", "var")]
+    return [contract.stat_output(name, s) for name in meta_batchnorms(model) for s in ("mean", "var")]
 
 
 def _export(module: nn.Module, x: torch.Tensor, output_names: list[str]) -> onnx.ModelProto:
@@ -232,15 +232,17 @@ def _profile(bundle_dir: Path, batch: int) -> dict[str, Any]:
     """Memory of one adaptation step at the default batch: static (per target) and measured
     on this machine in a fresh torch-free process. ``serve --memory-budget`` reads it."""
     from edgetta.bundle import Bundle
-    from edgetta.profile import MIB, analyse, inference_facts, measure_step, training_facts
+    from edgetta.profile import MIB, analyse, bundle_facts, measure_step
     from edgetta.targets import TARGETS
 
     bundle = Bundle.open(bundle_dir, verify=False)
-    train, infer = training_facts(bundle), inference_facts(bundle)
+    facts = bundle_facts(bundle)
+    train, infer = facts["ort-training"], facts["inference"]
     reports = {name: analyse(bundle, t, batch, train=train, infer=infer) for name, t in TARGETS.items()}
     x86 = reports["x86-64"]
     measured = measure_step(bundle_dir, batch)
     return {
+        "machine": measured["machine"], "engine": measured["engine"],
         "batch": batch,
         "adaptation_static_mib": round(x86["adaptation"]["total"] / MIB, 2),
         "activations_kept_mib": round(x86["adaptation"]["activations_kept"] / MIB, 2),
@@ -252,6 +254,19 @@ def _profile(bundle_dir: Path, batch: int) -> dict[str, Any]:
         "fits": {name: r["adaptation"]["total"] <= r["target"]["budget_mib"] * MIB
                  for name, r in reports.items()},
     }
+
+
+def _add_graph_facts(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    """Probe the bundle's graphs (edgetta.profile) and list the facts file in ``manifest``."""
+    from edgetta.bundle import Bundle
+    from edgetta.profile import FACTS_FILE, write_facts
+
+    path = bundle_dir / FACTS_FILE
+    write_facts(Bundle.open(bundle_dir, verify=False), path)
+    manifest["files"][FACTS_FILE] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest["graphs"]["facts"] = FACTS_FILE
+    manifest["bundle_bytes"] = int(sum(f["bytes"] for f in manifest["files"].values()))
+    contract.write_manifest(bundle_dir, manifest)
 
 
 def build_model(ckpt: dict[str, Any]) -> EcoTTAModel:
@@ -377,10 +392,10 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                               "outputs": ["logits"]},
                 "portable_step": ({"file": "portable_step.onnx",
                                    "inputs": ["input", *meta_params,
-                                              *[f"{p}.velocity" for p in meta_params], "lr", "momentum"],
+                                              *[contract.velocity(p) for p in meta_params], contract.LR, contract.MOMENTUM],
                                    "outputs": ["loss", "logits", *stat_outputs,
-                                               *[f"{p}.new" for p in meta_params],
-                                               *[f"{p}.velocity.new" for p in meta_params]],
+                                               *[contract.updated(p) for p in meta_params],
+                                               *[contract.updated(contract.velocity(p)) for p in meta_params]],
                                    "note": "standard ONNX ops only: runs on plain onnxruntime"}
                                   if portable else None),
                 "training": {"file": "training_model.onnx", "checkpoint": "checkpoint",
@@ -397,7 +412,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
             "frozen": {"meta_running_stats": meta_stats, "backbone_tensors": len(backbone_names),
                        "backbone_storage": "graph constants",
                        "batchnorms_folded_into_convs": len(folded)},
-            "running_stats": {f"stat.{n}.{s}": f"model.{n}.running_{s}"
+            "running_stats": {contract.stat_output(n, s): f"model.{n}.running_{s}"
                               for n in meta_batchnorms(model) for s in ("mean", "var")},
             "backbone": {"density": total_density(sparsity), "sparsity_report": sparsity,
                          "pruning": ckpt.get("pruning", {}),
@@ -408,10 +423,11 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
             "bundle_bytes": int(sum(f["bytes"] for f in files.values())),
             "versions": _versions(),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        contract.write_manifest(tmp, manifest)
+        _add_graph_facts(tmp, manifest)  # what 'edgetta profile' reads on a device without onnx
         if profile:
             manifest["profile"] = _profile(tmp, batch_size)
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            contract.write_manifest(tmp, manifest)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)

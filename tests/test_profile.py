@@ -43,7 +43,7 @@ def test_x86_counts_the_weights_backward_convs_read_twice(facts):
     x86 = analyse(bundle, get_target("x86-64"), 16, train=train, infer=infer)["adaptation"]
     arm = analyse(bundle, get_target("rpi4-4gb"), 16, train=train, infer=infer)["adaptation"]
     backward = {n.input[1] for n in train.nodes if n.op_type == "ConvTranspose"}
-    meta = set(bundle.manifest["trainable"])
+    meta = set(bundle.manifest.trainable)
     expected = 4 * sum(v for k, v in train.params.items() if k in backward and k not in meta)
     assert 0 < x86["parameters_frozen_second_layout"] == expected < x86["parameters_frozen"]
     assert arm["parameters_frozen_second_layout"] == 0
@@ -138,22 +138,72 @@ def test_export_writes_the_profile_into_the_manifest(tiny_bundle):
     assert set(p["fits"]) == set(TARGETS)
 
 
+NO_HOST = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
+           "from edgetta.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def _profile(*args):
-    return subprocess.run([sys.executable, "-m", "edgetta", "profile", *args], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    """``edgetta profile`` in a process where neither torch nor onnx can be imported, as on a
+    device with only the base dependencies."""
+    return subprocess.run([sys.executable, "-c", NO_HOST, "profile", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_bundle_carries_the_facts_the_host_probe_finds(facts):
+    """The facts written at export give the device the very figures the onnx-based probe gives."""
+    from edgetta.profile import bundle_facts, portable_facts
+    bundle, train, infer = facts
+    carried = bundle_facts(bundle)
+    assert set(carried) == {"ort-training", "onnx", "inference"}
+    for target in ("x86-64", "rpi4-1gb"):
+        host = analyse(bundle, get_target(target), 32, train=train, infer=infer)
+        device = analyse(bundle, get_target(target), 32)
+        assert device == host
+    portable = analyse(bundle, get_target("rpi4-1gb"), 32, engine="onnx")
+    assert portable == analyse(bundle, get_target("rpi4-1gb"), 32, engine="onnx",
+                               train=portable_facts(bundle), infer=infer)
+    assert portable["adaptation"]["gradients"] == 0 and portable["engine"] == "onnx"
 
 
 def test_cli_profile_exit_codes_json_and_plot(tiny_bundle, tmp_path):
-    r = _profile(str(tiny_bundle), "--batch", "8", "--budget", "1", "--no-measure")
-    assert r.returncode == 1 and "DOES NOT FIT" in r.stdout
+    r = _profile(tiny_bundle, "--batch", "8", "--budget", "1", "--no-measure")
+    assert r.returncode == 1 and "DOES NOT FIT" in r.stdout, r.stderr[-2000:]
+    assert "estimated: static" in r.stdout and "not measured on x86_64" in r.stdout
     png = tmp_path / "p.png"
-    r = _profile(str(tiny_bundle), "--batch", "8", "--budget", "4096", "--json", "--plot", str(png))
+    r = subprocess.run([sys.executable, "-m", "edgetta", "profile", str(tiny_bundle), "--batch", "8",
+                        "--budget", "4096", "--json", "--plot", str(png)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
     assert report["measured"]["peak_after_step"] > 0 and report["fits"]
+    v = report["verdict"]
+    assert v["measured"] and v["quantity"] == "peak RSS of the adapting process"
+    assert v["peak_rss_mib"] == report["measured"]["peak_after_step"] / MIB
     assert png.stat().st_size > 5000
-    r = _profile(str(tiny_bundle), "--target", "vax")
+    r = _profile(tiny_bundle, "--target", "vax")
     assert r.returncode == 2 and r.stderr.startswith("error: unknown target")
+    r = _profile(tmp_path / "nowhere")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("engine", ["onnx", "ort-training"])
+def test_cli_profile_on_a_device_measures_the_engine_that_runs(tiny_bundle, engine):
+    """Only base dependencies: the static figures come from the bundle, the measurement from a
+    fresh process of the chosen engine; the verdict for an aarch64 target is not taken from this
+    x86-64 measurement, and says so."""
+    r = _profile(tiny_bundle, "--target", "rpi4-1gb", "--engine", engine, "--json")
+    assert r.returncode in (0, 1), r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["engine"] == engine and report["measured"]["engine"] == engine
+    assert report["measured"]["machine"] == "x86_64"
+    v = report["verdict"]
+    assert not v["measured"] and "not measured on aarch64" in v["how"]
+    static = report["adaptation"]["total"] / MIB
+    assert v["peak_rss_mib"] == pytest.approx(static + report["measured"]["rss_before_load"] / MIB)
+    assert r.returncode == (0 if v["fits"] else 1)
+    r = _profile(tiny_bundle, "--target", "x86-64", "--engine", engine, "--batch", "16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"engine {engine}" in r.stdout and "measured on this x86_64 machine" in r.stdout
 
 
 def test_execution_order_follows_onnxruntime_priorities():

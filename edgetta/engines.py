@@ -1,0 +1,302 @@
+"""What runs one adaptation step: one small interface, two implementations.
+
+- ``ort-training``: onnxruntime-training's on-device Module on the bundle's training graph
+  (loss and gradients of the meta networks); SGD with momentum is applied here, since
+  onnxruntime-training's SGD has none (with momentum 0 the bundle's own optimizer graph runs).
+  Wheels exist only for x86-64 Linux/Windows and macOS, Python <= 3.12.
+- ``onnx``: the bundle's portable step graph (forward, backward and the SGD update in standard
+  ONNX ops) on plain onnxruntime, which has wheels for aarch64 and Python 3.13 too.
+
+``select_engine("auto", ...)`` takes onnxruntime-training where its API imports and the portable
+step otherwise. Both engines keep the trainable meta parameters and their velocity; running
+statistics of the meta BatchNorms are the caller's (``Adapter``).
+"""
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from . import manifest as names
+from ._ort import has_training_api, onnxruntime, training_api
+from .bundle import Bundle
+from .errors import BundleError, EngineUnavailable
+
+ENGINES = ("ort-training", "onnx")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one adaptation step computed on a batch, before its update was applied."""
+    loss: float
+    logits: np.ndarray
+    batch_stats: dict[str, np.ndarray]  # the meta BatchNorms' batch statistics, by output name
+
+
+class Engine(Protocol):
+    """Runs adaptation steps on a batch and owns the trainable parameters and their velocity."""
+    name: str
+    provider: str
+
+    def step(self, x: np.ndarray) -> StepResult:
+        """Loss, logits and batch statistics of ``x``; then one SGD-with-momentum update.
+        Raises FloatingPointError, with the parameters left unchanged, on a non-finite loss."""
+
+    def params(self) -> dict[str, np.ndarray]:
+        """Current trainable parameters (copies)."""
+
+    def velocity(self) -> dict[str, np.ndarray]:
+        """Current momentum buffers (copies)."""
+
+    def set_params(self, params: Mapping[str, np.ndarray], velocity: Mapping[str, np.ndarray]) -> None:
+        """Replace the trainable parameters and momentum buffers."""
+
+
+def session_options(memory_arena: bool = False, prepacking: bool = False,
+                    threads: int | None = None) -> Any:
+    """onnxruntime session settings for adaptation (the defaults are edgetta's; why each one is
+    chosen is in docs/memory.md)."""
+    ort = onnxruntime()
+    opts = ort.SessionOptions()
+    # priority-based order runs each gradient node as soon as it can, freeing forward tensors
+    # earlier than the default order
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    # the CPU arena grows in powers of two and keeps what it took: off unless asked for
+    opts.enable_cpu_mem_arena = memory_arena
+    # memory patterns preallocate one block per planned layout: off with the arena
+    opts.enable_mem_pattern = memory_arena
+    if not prepacking:
+        # a frozen conv's weights are read by the forward Conv and the backward ConvTranspose,
+        # which would pre-pack its own transposed copy; unpacked it reads the shared one
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    return opts
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def training_wheel_exists() -> bool:
+    """Whether onnxruntime-training 1.19.2 publishes a wheel for this machine and Python."""
+    if sys.version_info >= (3, 13):
+        return False
+    return sys.platform == "darwin" or (_is_x86() and sys.platform in ("linux", "win32"))
+
+
+def training_fix() -> str:
+    """How to get onnxruntime-training here, or what to use instead where it has no wheel."""
+    if training_wheel_exists():
+        return ("install it in place of plain onnxruntime: pip uninstall -y onnxruntime && "
+                "pip install onnxruntime-training-cpu==1.19.2; or use --engine onnx")
+    return (f"onnxruntime-training publishes no wheel for {platform.machine()} / Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}; use --engine onnx (or auto)")
+
+
+def cuda_fix(engine: str) -> str:
+    """How to get a CUDA-enabled onnxruntime for ``engine`` on this machine."""
+    if engine == "ort-training":
+        if _is_x86() and sys.platform == "linux" and sys.version_info < (3, 13):
+            return ("pip uninstall -y onnxruntime-training-cpu && pip install 'edgetta[cuda]' "
+                    "(docs/devices.md)")
+        return (f"onnxruntime-training has no CUDA build for {platform.machine()}; use --engine "
+                "onnx with a CUDA build of onnxruntime, or --provider cpu")
+    if platform.machine().lower() == "aarch64":
+        return ("install NVIDIA's onnxruntime-gpu wheel for your JetPack in place of onnxruntime "
+                "(docs/devices.md: Jetson), or use --provider cpu")
+    return ("pip uninstall -y onnxruntime onnxruntime-training-cpu && pip install onnxruntime-gpu "
+            "(portable engine), or use --provider cpu")
+
+
+def resolve_provider(provider: str, engine: str) -> str:
+    """``auto`` is CUDA where this onnxruntime has it, else CPU; ``cuda`` must be available."""
+    if provider not in (*PROVIDERS, "auto"):
+        raise ValueError(f"provider must be one of {sorted(PROVIDERS) + ['auto']}, got {provider!r}")
+    available = onnxruntime().get_available_providers()
+    if provider == "auto":
+        return "cuda" if PROVIDERS["cuda"] in available else "cpu"
+    if PROVIDERS[provider] not in available:
+        fix = cuda_fix(engine) if provider == "cuda" else "reinstall onnxruntime"
+        raise EngineUnavailable(f"the installed onnxruntime has no {PROVIDERS[provider]} "
+                                f"(it has {', '.join(available)}): {fix}")
+    return provider
+
+
+def choose_engine(engine: str, bundle: Bundle) -> str:
+    """The engine name ``engine`` ("auto", "ort-training" or "onnx") stands for here."""
+    if engine not in (*ENGINES, "auto"):
+        raise ValueError(f"engine must be one of {ENGINES + ('auto',)}, got {engine!r}")
+    has_portable = bundle.manifest.graphs.portable_step is not None
+    if engine == "auto":
+        if has_training_api():
+            return "ort-training"
+        if not has_portable:
+            raise EngineUnavailable(f"{bundle.path} has no portable step graph and this onnxruntime has "
+                                    f"no training API: export the bundle again (it adds one), or "
+                                    f"{training_fix()}")
+        return "onnx"
+    if engine == "ort-training" and not has_training_api():
+        raise EngineUnavailable(f"engine ort-training needs onnxruntime-training: {training_fix()}")
+    if engine == "onnx" and not has_portable:
+        raise BundleError(f"{bundle.path} has no portable step graph; export it again")
+    return engine
+
+
+class OrtTrainingEngine:
+    """onnxruntime-training's Module computes loss and gradients; the update is applied here."""
+    name = "ort-training"
+
+    def __init__(self, bundle: Bundle, opts: Any, provider: str, lr: float, momentum: float):
+        api = training_api()
+        m = bundle.manifest
+        self.provider, self.lr, self.momentum = provider, lr, momentum
+        self._trainable = list(m.trainable)
+        self._state = api.CheckpointState.load_checkpoint(str(bundle.file(m.graphs.training.checkpoint)))
+        self._module = api.Module(str(bundle.file(m.graphs.training.file)), self._state,
+                                  device=provider, session_options=opts)
+        self._outputs = list(self._module.output_names())
+        self._optimizer = None
+        if momentum == 0.0 and m.graphs.training.optimizer:
+            # plain SGD: the bundle's own onnxruntime-training optimizer graph does the update
+            self._optimizer = api.Optimizer(str(bundle.file(m.graphs.training.optimizer)), self._module)
+            self._optimizer.set_learning_rate(lr)
+        self._params = {n: self._state.parameters[n].data.copy() for n in self._trainable}
+        self._velocity = {n: np.zeros_like(v) for n, v in self._params.items()}
+
+    @property
+    def uses_optimizer_graph(self) -> bool:
+        """True when the bundle's onnxruntime-training optimizer graph applies the update
+        (plain SGD, momentum 0)."""
+        return self._optimizer is not None
+
+    @property
+    def checkpoint_state(self) -> Any:
+        """onnxruntime-training's CheckpointState (its frozen entries must never change)."""
+        return self._state
+
+    def loss_of(self, x: np.ndarray) -> float:
+        """The loss of ``x`` at the current parameters, without an update."""
+        self._module.train()
+        self._module.lazy_reset_grad()
+        return float(self._module(x)[0])
+
+    def step(self, x: np.ndarray) -> StepResult:
+        self._module.train()
+        self._module.lazy_reset_grad()
+        outs = dict(zip(self._outputs, self._module(x)))
+        result = _result(outs)
+        params = self._state.parameters
+        if self._optimizer is not None:
+            self._optimizer.step()
+            for name in self._trainable:
+                self._params[name] = params[name].data.copy()
+            return result
+        for name in self._trainable:
+            v = self._velocity[name]
+            v *= self.momentum
+            v += params[name].grad
+            self._params[name] = self._params[name] - self.lr * v
+            params[name].data = self._params[name]
+        return result
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {n: v.copy() for n, v in self._params.items()}
+
+    def velocity(self) -> dict[str, np.ndarray]:
+        return {n: v.copy() for n, v in self._velocity.items()}
+
+    def set_params(self, params: Mapping[str, np.ndarray], velocity: Mapping[str, np.ndarray]) -> None:
+        self._params = {n: np.array(params[n], np.float32) for n in self._trainable}
+        self._velocity = {n: np.array(velocity[n], np.float32) for n in self._trainable}
+        for name in self._trainable:
+            self._state.parameters[name].data = self._params[name]
+
+
+class PortableEngine:
+    """The bundle's portable step graph: forward, backward and update in one onnxruntime run."""
+    name = "onnx"
+
+    def __init__(self, bundle: Bundle, opts: Any, provider: str, lr: float, momentum: float):
+        m = bundle.manifest
+        self.provider = provider
+        self._trainable = list(m.trainable)
+        step = m.graphs.portable_step
+        assert step is not None  # choose_engine checked it
+        self._session = onnxruntime().InferenceSession(
+            str(bundle.file(step.file)), opts, providers=_providers(provider))
+        self._outputs = [o.name for o in self._session.get_outputs()]
+        self._hyper = {names.LR: np.array(lr, np.float32), names.MOMENTUM: np.array(momentum, np.float32)}
+        init = bundle.initial_meta_state()
+        self._params = {n: init[n] for n in self._trainable}
+        self._velocity = {n: np.zeros_like(v) for n, v in self._params.items()}
+
+    def step(self, x: np.ndarray) -> StepResult:
+        feeds = {names.INPUT: x, **self._hyper, **self._params}
+        feeds.update({names.velocity(n): v for n, v in self._velocity.items()})
+        outs = dict(zip(self._outputs, self._session.run(None, feeds)))
+        result = _result(outs)
+        for name in self._trainable:
+            self._params[name] = outs[names.updated(name)]
+            self._velocity[name] = outs[names.updated(names.velocity(name))]
+        return result
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {n: v.copy() for n, v in self._params.items()}
+
+    def velocity(self) -> dict[str, np.ndarray]:
+        return {n: v.copy() for n, v in self._velocity.items()}
+
+    def set_params(self, params: Mapping[str, np.ndarray], velocity: Mapping[str, np.ndarray]) -> None:
+        self._params = {n: np.array(params[n], np.float32) for n in self._trainable}
+        self._velocity = {n: np.array(velocity[n], np.float32) for n in self._trainable}
+
+
+def _providers(provider: str) -> list[str]:
+    # CUDA sessions fall back to the CPU for any node the CUDA provider has no kernel for
+    return [PROVIDERS[provider]] + ([PROVIDERS["cpu"]] if provider != "cpu" else [])
+
+
+def _result(outs: dict[str, np.ndarray]) -> StepResult:
+    loss = float(outs[names.LOSS])
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"adaptation loss is {loss}; state left unchanged")
+    stats = {k: v for k, v in outs.items() if k.startswith(names.STAT_PREFIX)}
+    return StepResult(loss, outs[names.LOGITS], stats)
+
+
+def select_engine(engine: str, bundle: Bundle, provider: str = "cpu", lr: float | None = None,
+                  momentum: float | None = None, opts: Any = None) -> Engine:
+    """Load the engine ``engine`` ("auto", "ort-training" or "onnx") stands for, on
+    ``provider`` ("cpu", "cuda" or "auto")."""
+    name = choose_engine(engine, bundle)
+    provider = resolve_provider(provider, name)
+    hyper = bundle.manifest.adaptation
+    lr = hyper.lr if lr is None else float(lr)
+    momentum = hyper.momentum if momentum is None else float(momentum)
+    opts = session_options() if opts is None else opts
+    cls = OrtTrainingEngine if name == "ort-training" else PortableEngine
+    try:
+        return cls(bundle, opts, provider, lr, momentum)
+    except (BundleError, EngineUnavailable):
+        raise
+    except Exception as e:  # onnxruntime raises its own types; say which bundle failed
+        raise BundleError(f"{bundle.path}: onnxruntime could not load the {name} engine: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def inference_session(bundle: Bundle, opts: Any, provider: str) -> Any:
+    """The bundle's inference graph on ``provider``."""
+    try:
+        return onnxruntime().InferenceSession(str(bundle.file(bundle.manifest.graphs.inference.file)),
+                                              opts, providers=_providers(provider))
+    except Exception as e:
+        raise BundleError(f"{bundle.path}: onnxruntime could not load the inference graph: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
