@@ -18,7 +18,7 @@ from typing import Any
 from benchmarks import narrative, plots
 from benchmarks.common import RESULTS, ROOT, HelpFormatter, run_cli
 from benchmarks.methods import spec
-from benchmarks.tables import mib, ok, pct
+from benchmarks.tables import MODEL_LABELS, mib, model_config, ok, pct
 from edgetta.system import write_text_atomic
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -36,8 +36,11 @@ def readme_table(data: dict[str, Any]) -> str:
     whole process, for the default model and the largest zoo model, against TENT and CoTTA."""
     main, mem = data["main"], data["memory"]["results"]
     big = "resnet50" if "resnet50" in mem else next(iter(mem))
+    mcfg = data["memory"]
     lines = [f"| method | mean error %, continual stream (batch {main['config']['batch']}) "
-             "| peak RSS MiB, WRN-16-2 | peak RSS MiB, ResNet-50 224x224 |", "|---|---|---|---|"]
+             f"| peak RSS MiB, {MODEL_LABELS['default'].split(' (')[0]} (batch {model_config(mcfg, 'default')['batch']}) "
+             f"| peak RSS MiB, {MODEL_LABELS.get(big, big)} (batch {model_config(mcfg, big)['batch']}) |",
+             "|---|---|---|---|"]
     for m in README_METHODS:
         r = main["results"].get(m)
         cells = [pct(r["error"]) if ok(r) else "n/a"]
