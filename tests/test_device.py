@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgetta import Adapter, Bundle, BundleError, EngineUnavailable, FrameError, StateError
+from tests.test_manifest import resign
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
@@ -125,15 +126,6 @@ def test_truncated_missing_and_foreign_bundles_are_refused(bundle_copy, tmp_path
     resign(bundle_copy, m)
     with pytest.raises(BundleError, match="schema 99"):
         Bundle.open(bundle_copy)
-
-
-def resign(bundle: Path, manifest: dict) -> None:
-    """Write ``manifest`` with a matching manifest.sha256, as only a re-export would, so that a
-    test reaches the checks behind the hash."""
-    import hashlib
-    data = json.dumps(manifest).encode()
-    (bundle / "manifest.json").write_bytes(data)
-    (bundle / "manifest.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
 
 
 def test_cli_refuses_a_tampered_bundle_in_one_line(bundle_copy):
