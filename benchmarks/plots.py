@@ -15,10 +15,15 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Path:
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_memory_bars(data: dict, path: Path) -> Path | None:
-    mem = data.get("memory")
-    if not mem:
-        return None
+    mem = data["memory"]
     plt = _plt()
     res = mem["results"]
     models = list(res)
@@ -45,16 +50,11 @@ def plot_memory_bars(data: dict, path: Path) -> Path | None:
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle("Peak memory of one process per method (glibc mmap threshold pinned at 64 KiB in every process)",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, rect=(0, 0.07, 1, 1))
 
 
 def plot_errors(data: dict, path: Path) -> Path | None:
-    main = data.get("main")
-    if not main:
-        return None
+    main = data["main"]
     plt = _plt()
     res = main["results"]
     methods = [m for m in ordered(res) if ok(res[m]) and "error_per_domain" in res[m]]
@@ -76,16 +76,11 @@ def plot_errors(data: dict, path: Path) -> Path | None:
                  f"batch {cfg['batch']}, in stream order, no reset)", fontsize=10)
     ax.legend(fontsize=8, ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_memory_vs_batch(data: dict, path: Path) -> Path | None:
-    small, main = data.get("small_batch"), data.get("main")
-    if not small:
-        return None
+    small, main = data["small_batch"], data.get("main")
     plt = _plt()
     points: dict[str, list[tuple[int, float, float]]] = {}
     for b, res in small["results"].items():
@@ -117,16 +112,11 @@ def plot_memory_vs_batch(data: dict, path: Path) -> Path | None:
     ax2.set_ylabel("error (%)")
     ax2.set_title(f"Error against batch size ({15 * small['config']['frames_per_type']}-frame stream)", fontsize=9)
     ax1.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_sparsity(data: dict, path: Path) -> Path | None:
-    sp = data.get("sparsity")
-    if not sp:
-        return None
+    sp = data["sparsity"]
     rows = [r for r in sp["results"] if ok(r)]
     if not rows:
         return None
@@ -164,7 +154,9 @@ def plot_sparsity(data: dict, path: Path) -> Path | None:
         h2, l2 = ax3.get_legend_handles_labels()
         ax2.legend(h1 + h2, l1 + l2, fontsize=8, frameon=False, loc="upper left", ncol=2)
         ax2.set_title("Bundle size and step time", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
+
+
+# (the compare.json section a plot needs, the plot, its file name)
+PLOTS = (("memory", plot_memory_bars, "memory_bars.png"), ("main", plot_errors, "error_per_corruption.png"),
+         ("small_batch", plot_memory_vs_batch, "memory_vs_batch.png"), ("sparsity", plot_sparsity, "sparsity.png"))

@@ -59,9 +59,8 @@ def write_all(data: dict[str, Any], out_dir: Path, doc: Path | None = None) -> l
     if doc is None:
         doc = DOC if out_dir.resolve() == RESULTS.resolve() else out_dir / "benchmarks.md"
     written = []
-    for fn, name in ((plots.plot_memory_bars, "memory_bars.png"), (plots.plot_errors, "error_per_corruption.png"),
-                     (plots.plot_memory_vs_batch, "memory_vs_batch.png"), (plots.plot_sparsity, "sparsity.png")):
-        p = fn(data, out_dir / name)
+    for section, plot, name in plots.PLOTS:
+        p = plot(data, out_dir / name) if data.get(section) else None
         if p:
             written.append(p)
     write_text_atomic(doc, document(data, doc, out_dir))
