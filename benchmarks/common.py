@@ -121,6 +121,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help keeps the module docstring's layout and shows every default."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a batch, a count of frames)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def run_job(args: list[str], threads: int, timeout: float) -> dict[str, Any]:
     """``python -m benchmarks.run_method ARGS`` in a fresh interpreter started in the repository
     root; its JSON line, or ``{"failed": why, "args": args}``."""

@@ -38,7 +38,7 @@ from typing import Any
 
 from benchmarks import report, sparsity
 from benchmarks.common import (RESULTS, ROOT, HelpFormatter, continual_stream, export_cached_bundle, gradual_stream,
-                               load_json, merge_json, run_cli, run_job, untrained_checkpoint)
+                               load_json, merge_json, positive_int, run_cli, run_job, untrained_checkpoint)
 from benchmarks.methods import METHODS, RUNNABLE, spec
 
 SUITES = ("main", "small_batch", "gradual", "memory", "sparsity")
@@ -154,13 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suites", nargs="+", default=list(DEFAULT_SUITES), choices=SUITES)
     p.add_argument("--methods", nargs="+", default=list(RUNNABLE), choices=RUNNABLE)
     p.add_argument("--checkpoint", default=None, help="host checkpoint (default: the built-in model)")
-    p.add_argument("--frames-per-type", type=int, default=200)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--frames-per-type", type=positive_int, default=200)
+    p.add_argument("--batch", type=positive_int, default=64)
     p.add_argument("--small-batches", type=int, nargs="+", default=[16, 4, 1])
     p.add_argument("--small-frames-per-type", type=int, default=40)
     p.add_argument("--gradual-per-segment", type=int, default=20)
     p.add_argument("--memory-models", nargs="+", default=list(MEMORY_MODELS))
-    p.add_argument("--memory-batch", type=int, default=64)
+    p.add_argument("--memory-batch", type=positive_int, default=64)
     p.add_argument("--memory-batch-override", nargs="*", default=[], metavar="MODEL=BATCH",
                    help="another batch for some memory models, e.g. resnet50=16")
     p.add_argument("--memory-steps", type=int, default=2)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                         "augmented teacher passes run without autograd, one at a time, so peak memory "
                         "does not depend on their number; time does, and the report estimates the "
                         "32-augmentation step time from the measured forward time)")
-    p.add_argument("--threads", type=int, default=1, help="threads of every method (torch and onnxruntime)")
+    p.add_argument("--threads", type=positive_int, default=1, help="threads of every method (torch and onnxruntime)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--out-dir", default=str(RESULTS))

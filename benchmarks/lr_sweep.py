@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import RESULTS, HelpFormatter, run_cli
+from benchmarks.common import RESULTS, HelpFormatter, positive_int, run_cli
 from edgetta import Adapter
 from edgetta.system import write_text_atomic
 from edgetta_export.demo_stream import build
@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lr_sweep", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("bundle")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02])
-    p.add_argument("--per-type", type=int, default=200)
+    p.add_argument("--per-type", type=positive_int, default=200)
     p.add_argument("--severity", type=int, default=5)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "lr_sweep.json"))
     a = p.parse_args(argv)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import HelpFormatter
+from benchmarks.common import HelpFormatter, positive_int, run_cli
 from benchmarks.methods import RUNNABLE, TORCH_METHODS, EcoTTASettings
 from edgetta.system import MIB, peak_rss_bytes, pin_mmap_threshold, reset_peak_rss, rss_bytes
 
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="first N frames of the stream")
     p.add_argument("--random-steps", type=int, default=0,
                    help="instead of a stream: this many steps on random frames (memory runs)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--lr", type=float, default=None, help="override the method's learning rate")
     p.add_argument("--cotta-augmentations", type=int, default=None)
     p.add_argument("--no-adapt", action="store_true", help="edgetta: inference only (adapt=False)")
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--no-adapt is for edgetta (the torch methods have source / source_meta)")
     if not a.stream and not a.random_steps:
         p.error("give --stream or --random-steps")
+    if a.stream and not Path(a.stream).is_file():
+        p.error(f"--stream {a.stream}: no such file")
     if a.checkpoint is None and a.model is None and a.method != "edgetta":
         from edgetta_export.bundle import DEFAULT_CHECKPOINT
         a.checkpoint = str(DEFAULT_CHECKPOINT)
@@ -215,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

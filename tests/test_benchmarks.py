@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,29 @@ def test_source_models_report_gathers_training_checkpoints(tmp_path, tiny_ckpt):
     assert "state_dict" not in data["tiny_erk80"] and "masks" not in data["tiny_erk80"]
     committed = json.loads((ROOT / "benchmarks" / "results" / "source_models.json").read_text())
     assert set(committed["wrn16_2_erk80"]) <= set(source_models.FIELDS)  # the committed report has this form
+
+
+@pytest.mark.parametrize("args", [
+    ["benchmarks.run_method", "--method", "tent", "--stream", "missing.npz"],
+    ["benchmarks.run_method", "--method", "edgetta", "--bundle", "missing-bundle", "--random-steps", "1"],
+    ["benchmarks.run_method", "--method", "tent", "--random-steps", "1", "--batch", "0"],
+    ["benchmarks.report", "--results", "missing-folder"],
+    ["benchmarks.compare", "--batch", "0"],
+])
+def test_benchmark_cli_errors_are_one_line(args):
+    r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "error: " in r.stderr.strip().splitlines()[-1]
+
+
+def test_benchmark_output_into_a_closed_pipe_is_quiet():
+    """A benchmark CLI piped into ``head`` ends without a BrokenPipeError traceback (the output
+    is larger than the pipe's buffer, so the write really fails)."""
+    main = ("from benchmarks.common import run_cli\n"
+            "def main():\n    for _ in range(200000):\n        print('row')\n    return 0\n"
+            "run_cli(main)")  # without run_cli: 'BrokenPipeError: [Errno 32] Broken pipe' and a traceback
+    r = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(main)} | head -c 8",
+                       shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout == "row\nrow\n"
+    assert r.stderr == ""
