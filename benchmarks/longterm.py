@@ -1,0 +1,628 @@
+"""Long-term adaptation: the continual stream repeated for many rounds without reset.
+
+    python -m benchmarks.longterm                       # every method, 10 rounds (about an hour, CoTTA most of it)
+    python -m benchmarks.longterm --methods edgetta edgetta_lam0
+    python -m benchmarks.longterm --report              # docs/longterm.md and the plots from the JSON
+    python -m benchmarks.longterm --smoke --out-dir /tmp/lt   # a tiny run (tests)
+
+The stream is the main suite's (``benchmarks.common.continual_stream``: Fashion-MNIST test images
+as 32x32x3, the 15 corruptions in the standard order, severity 5), repeated ``--rounds`` times
+with no reset, batch ``--batch``. Every method runs in a fresh process with one thread
+(``--jobs`` processes at once). Per round: error, error per corruption, peak RSS of the round
+(the kernel's peak mark is reset at the start of each round), seconds, and the distance of the
+trained parameters from their start (L2, and relative to the start's norm). Before round 1 and
+after the rounds in ``--clean-after``: error on ``--clean-frames`` clean test images (the tail of
+the stream's seeded permutation, so none of them is in the stream) predicted with the adapted
+state and no update, the forgetting figure.
+
+Methods: ``source``, ``bn_adapt``, ``tent``, ``cotta``, ``ecotta_torch`` (PyTorch,
+``benchmarks.methods``), ``edgetta`` (the device runtime on onnxruntime-training, torch blocked),
+and the regularizer ablation ``edgetta_lam0`` / ``ecotta_torch_lam0`` (a bundle exported with
+lambda = 0). Each worker rewrites its own partial JSON after every round; the driver merges the
+partial files into ``benchmarks/results/longterm.json`` as they change, so a stopped run keeps
+the rounds it finished.
+
+Variants, for drift (edgetta only; the result is stored under the method's name plus a tag,
+e.g. ``edgetta+anchor0.001``): ``--lr`` (SGD learning rate), ``--lam`` and ``--e0`` (a bundle
+exported with that regularizer weight / entropy threshold), ``--anchor RHO`` (after every step
+the meta networks move back towards the warmed-up state by the fraction RHO of their distance:
+theta <- theta0 + (1 - RHO) (theta - theta0); done here through the public ``Adapter.runner``
+parameters, a prototype of what the device loop could do).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, continual_stream, run_cli
+
+log = logging.getLogger("benchmarks.longterm")
+
+TORCH_METHODS = ("source", "bn_adapt", "tent", "cotta", "ecotta_torch", "ecotta_torch_lam0")
+EDGETTA_METHODS = ("edgetta", "edgetta_lam0")
+METHODS = TORCH_METHODS + EDGETTA_METHODS
+DEFAULT_METHODS = ("cotta", "edgetta", "edgetta_lam0", "tent", "ecotta_torch", "ecotta_torch_lam0",
+                   "bn_adapt", "source")  # longest first: with two at once CoTTA runs beside the rest
+DOCS = ROOT / "docs" / "longterm.md"
+MIB = 1 << 20
+
+
+# ---------------------------------------------------------------- typed records
+
+
+@dataclass
+class RoundResult:
+    round: int
+    error: float
+    error_per_domain: dict[str, float]
+    peak_rss_mib: float
+    rss_end_mib: float
+    seconds: float
+    param_distance: float | None
+    param_distance_rel: float | None
+    mean_loss: float | None = None
+    clean_error: float | None = None
+
+
+@dataclass
+class MethodResult:
+    method: str                 # stored under this name: base method + variant tag
+    base: str                   # the method that ran (edgetta, tent, ...)
+    lam: float | None           # EcoTTA's regularizer weight (EcoTTA methods)
+    threads: int
+    lr: float | None = None     # the learning rate override of a variant
+    e0: float | None = None     # EcoTTA's entropy threshold
+    anchor: float | None = None
+    rounds: list[RoundResult] = field(default_factory=list)
+    clean_error_start: float | None = None
+    rss_loaded_mib: float | None = None
+    peak_reset: bool = False
+    torch_loaded: bool | None = None
+    worker_command: str = ""
+    started: str = ""
+    finished: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Runner(Protocol):
+    def step(self, frames: np.ndarray) -> np.ndarray: ...          # predict, then adapt
+    def predict(self, frames: np.ndarray) -> np.ndarray: ...       # adapted state, no update
+    def distance(self) -> tuple[float | None, float | None]: ...   # (L2, L2 / norm at start)
+
+
+def _distance(now: list[np.ndarray], start: list[np.ndarray]) -> tuple[float | None, float | None]:
+    if not start:
+        return None, None
+    d = float(np.sqrt(sum(float(((a - b).astype(np.float64) ** 2).sum()) for a, b in zip(now, start))))
+    norm = float(np.sqrt(sum(float((b.astype(np.float64) ** 2).sum()) for b in start)))
+    return d, d / norm if norm else None
+
+
+# ---------------------------------------------------------------- workers
+
+
+class EdgettaRunner:
+    """``edgetta.Adapter`` on one bundle, in a process where torch cannot be imported."""
+
+    def __init__(self, bundle: Path, threads: int, lr: float | None = None, anchor: float | None = None):
+        from edgetta import Adapter
+        self.notes: list[str] = []
+        self.adapter = Adapter.load(bundle, threads=threads, lr=lr)
+        self.trainable = list(self.adapter.bundle.manifest.trainable)
+        self.start = self.adapter.meta_state()
+        self.anchor = anchor
+        self.losses: list[float] = []
+
+    def step(self, frames: np.ndarray) -> np.ndarray:
+        logits = self.adapter.step(frames)
+        self.losses.append(self.adapter.last_loss)
+        if self.anchor:
+            engine = self.adapter.runner
+            keep = 1.0 - self.anchor
+            engine.set_params({n: self.start[n] + keep * (p - self.start[n]) for n, p in engine.params().items()},
+                              engine.velocity())
+        return logits
+
+    def predict(self, frames: np.ndarray) -> np.ndarray:
+        return self.adapter.step(frames, adapt=False)
+
+    def distance(self) -> tuple[float | None, float | None]:
+        now = self.adapter.meta_state()
+        return _distance([now[n] for n in self.trainable], [self.start[n] for n in self.trainable])
+
+    def mean_loss(self, n: int) -> float:
+        return float(np.mean(self.losses[-n:]))
+
+
+class TorchRunner:
+    """A ``benchmarks.methods`` method; ``predict`` runs the network the method predicts with,
+    without gradient and without touching its state."""
+
+    def __init__(self, method: str, bundle: Path, threads: int, seed: int):
+        import torch
+        from benchmarks.methods import EcoTTASettings, create
+        from edgetta_export import checkpoint
+        from edgetta_export.bundle import DEFAULT_CHECKPOINT
+        from edgetta_export.train import to_tensor
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.torch, self.to_tensor, self.notes = torch, to_tensor, []
+        ckpt = checkpoint.load(DEFAULT_CHECKPOINT)
+        hyper = EcoTTASettings.from_manifest(json.loads((bundle / "manifest.json").read_text()))
+        self.method = create(method.removesuffix("_lam0"), ckpt, hyper=hyper, seed=seed)
+        self.mean, self.std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
+        self.trained = [p for mod in self.method.modules()[:1] for p in mod.parameters() if p.requires_grad]
+        self.start = [p.detach().numpy().copy() for p in self.trained]
+        # the network that makes the method's predictions: CoTTA predicts with its EMA teacher
+        teacher = getattr(self.method, "teacher", None)
+        self.predictor = teacher if teacher is not None else self.method.modules()[0]
+        self.is_ecotta = method.startswith("ecotta_torch")
+
+    def _x(self, frames: np.ndarray):
+        return self.to_tensor(frames, self.mean, self.std)
+
+    def step(self, frames: np.ndarray) -> np.ndarray:
+        return self.method.step(self._x(frames)).numpy()
+
+    def predict(self, frames: np.ndarray) -> np.ndarray:
+        net = self.predictor
+        if self.is_ecotta:  # meta BatchNorms on their running statistics, as edgetta predicts
+            net.eval()
+        with self.torch.no_grad():
+            out = net(self._x(frames)).numpy()
+        if self.is_ecotta:
+            net.train()
+        return out
+
+    def distance(self) -> tuple[float | None, float | None]:
+        return _distance([p.detach().numpy() for p in self.trained], self.start)
+
+
+def clean_subset(n: int, seed: int = 0) -> Path:
+    """``n`` clean Fashion-MNIST test images (32x32x3) in a cached .npz: the last ``n`` of the
+    seeded permutation whose first images ``continual_stream`` corrupts, so none of them is in
+    the stream. Written by the driver: the edgetta worker cannot import the host package."""
+    from edgetta_export import datasets
+    path = CACHE / f"clean_fashion_mnist_test_{n}_seed{seed}.npz"
+    if not path.exists():
+        images, labels = datasets.fashion_mnist("test")
+        idx = np.random.default_rng(seed).permutation(len(images))[-n:]
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=images[idx], labels=labels[idx].astype(np.int64), source_index=idx)
+        os.replace(tmp, path)
+    return path
+
+
+def _predict_all(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(images[i:i + batch])).argmax(1) for i in range(0, len(images), batch)])
+
+
+def run_worker(a: argparse.Namespace) -> int:
+    from edgetta.system import peak_rss_bytes, reset_peak_rss, rss_bytes, write_text_atomic
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    with np.load(a.stream, allow_pickle=False) as d:
+        images, labels = d["images"], d["labels"].astype(np.int64)
+        domains, names = d["domains"], [str(s) for s in d["domain_names"]]
+    with np.load(a.clean, allow_pickle=False) as d:
+        clean_x, clean_y = d["images"], d["labels"]
+    edgetta = a.worker in EDGETTA_METHODS
+    runner: Runner
+    if edgetta:
+        runner = EdgettaRunner(Path(a.bundle), a.threads, a.lr, a.anchor)
+    else:
+        runner = TorchRunner(a.worker, Path(a.bundle), a.threads, a.seed)
+    ecotta = json.loads((Path(a.bundle) / "manifest.json").read_text())["ecotta"]
+    res = MethodResult(method=a.worker + a.tag, base=a.worker, threads=a.threads, lr=a.lr, anchor=a.anchor,
+                       lam=ecotta["lambda"] if "ecotta" in a.worker or edgetta else None,
+                       e0=ecotta["e0"] if "ecotta" in a.worker or edgetta else None,
+                       worker_command=shlex.join([sys.executable, "-m", "benchmarks.longterm", *sys.argv[1:]]),
+                       started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       torch_loaded=sys.modules.get("torch") is not None, notes=list(runner.notes))
+    res.rss_loaded_mib = rss_bytes() / MIB
+    res.clean_error_start = float((_predict_all(runner.predict, clean_x, a.batch) != clean_y).mean())
+    out = Path(a.partial)
+    n_batches = -(-len(images) // a.batch)
+    for r in range(1, a.rounds + 1):
+        res.peak_reset = reset_peak_rss()
+        t = time.perf_counter()
+        pred = _predict_all(runner.step, images, a.batch)
+        seconds = time.perf_counter() - t
+        peak, now = peak_rss_bytes(), rss_bytes()
+        wrong = pred != labels
+        dist, rel = runner.distance()
+        row = RoundResult(round=r, error=float(wrong.mean()),
+                          error_per_domain={names[g]: float(wrong[domains == g].mean()) for g in np.unique(domains)},
+                          peak_rss_mib=peak / MIB, rss_end_mib=now / MIB, seconds=round(seconds, 1),
+                          param_distance=dist, param_distance_rel=rel)
+        if isinstance(runner, EdgettaRunner):
+            row.mean_loss = runner.mean_loss(n_batches)
+        if r in a.clean_after:
+            row.clean_error = float((_predict_all(runner.predict, clean_x, a.batch) != clean_y).mean())
+        res.rounds.append(row)
+        log.info("%s round %d: error %.4f clean %s peak %.1f MiB distance %s (%.0f s)", res.method, r, row.error,
+                 row.clean_error, row.peak_rss_mib, dist, seconds)
+        if r == a.rounds:
+            res.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_text_atomic(out, json.dumps(asdict(res), indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------- driver
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Several drivers may merge into one report: one at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def merge(json_path: Path, config: dict[str, Any] | None, results: dict[str, Any]) -> dict[str, Any]:
+    """Replace only the given methods (and the config, when given) in the report."""
+    from edgetta.system import write_text_atomic
+    with _locked(json_path):
+        data = json.loads(json_path.read_text()) if json_path.exists() else {}
+        if config is not None:
+            data["config"] = config
+        data.setdefault("methods", {}).update(results)
+        write_text_atomic(json_path, json.dumps(data, indent=1))
+    return data
+
+
+def bundles(settings: set[tuple[float, float | None]]) -> dict[tuple[float, float | None], Path]:
+    """One bundle of the default checkpoint per (lambda, E0) (cached); the other export settings
+    are the defaults."""
+    from benchmarks.common import export_cached_bundle
+    from edgetta_export import checkpoint
+    from edgetta_export.bundle import DEFAULT_CHECKPOINT
+    ckpt = checkpoint.load(DEFAULT_CHECKPOINT)
+    return {(lam, e0): export_cached_bundle(ckpt, f"longterm_lam{lam:g}" + ("" if e0 is None else f"_e0{e0:g}"),
+                                            lam=lam, e0=e0)
+            for lam, e0 in settings}
+
+
+def variant_tag(a: argparse.Namespace) -> str:
+    """``+lam1+lr0.001+anchor0.002``: the settings that differ from the defaults."""
+    parts = [("lam", a.lam, 0.5), ("e0", a.e0, None), ("lr", a.lr, None), ("anchor", a.anchor, None)]
+    return "".join(f"+{k}{v:g}" for k, v, default in parts if v != default)
+
+
+def run_driver(a: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    out_dir = Path(a.out_dir)
+    json_path = out_dir / "longterm.json"
+    stream = continual_stream(a.frames_per_type, a.severity, a.seed)
+    clean = clean_subset(a.clean_frames, a.seed)
+    tag = variant_tag(a)
+    if tag and set(a.methods) - set(EDGETTA_METHODS):
+        raise SystemExit("error: --lam/--e0/--lr/--anchor variants are for edgetta and edgetta_lam0")
+    setting = {m: (0.0 if m.endswith("_lam0") else a.lam, a.e0) for m in a.methods}
+    paths = bundles(set(setting.values()))
+    partial_dir = CACHE / "longterm" / ("smoke" if a.smoke else "full")
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.longterm " + shlex.join(a.argv)
+    config = {"command": command, "frames_per_type": a.frames_per_type, "severity": a.severity,
+              "frames_per_round": int(np.load(stream)["labels"].shape[0]), "rounds": a.rounds,
+              "batch": a.batch, "threads": a.threads, "seed": a.seed, "clean_frames": a.clean_frames,
+              "clean_after": a.clean_after, "smoke": a.smoke,
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                          "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}}
+    old = json.loads(json_path.read_text()).get("config") if json_path.exists() else None
+    keep = old if old and all(old.get(k) == config[k] for k in ("frames_per_type", "rounds", "batch", "severity")) else None
+    merge(json_path, keep or config, {})
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    pending = list(a.methods)
+    running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+    failed = []
+    while pending or running:
+        while pending and len(running) < a.jobs:
+            m = pending.pop(0)
+            partial = partial_dir / f"{m}{tag}.json"
+            partial.unlink(missing_ok=True)
+            cmd = [sys.executable, "-m", "benchmarks.longterm", "--worker", m, "--stream", str(stream),
+                   "--bundle", str(paths[setting[m]]), "--partial", str(partial), "--tag", tag,
+                   "--rounds", str(a.rounds), "--batch", str(a.batch), "--threads", str(a.threads),
+                   "--seed", str(a.seed), "--clean", str(clean),
+                   "--clean-after", *map(str, a.clean_after)]
+            cmd += [f"--{k}={v}" for k, v in (("lr", a.lr), ("anchor", a.anchor)) if v is not None]
+            logf = open(partial.with_suffix(".log"), "w")
+            running[m] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT), partial, 0.0)
+            logf.close()
+            log.info("started %s (log %s)", m, partial.with_suffix(".log"))
+        time.sleep(a.poll)
+        for m, (proc, partial, seen) in list(running.items()):
+            rc = proc.poll()
+            if partial.exists() and partial.stat().st_mtime != seen:
+                seen = partial.stat().st_mtime
+                r = json.loads(partial.read_text())
+                r["command"] = command  # the driver's: the command that reproduces this row
+                merge(json_path, None, {r["method"]: r})
+                running[m] = (proc, partial, seen)
+            if rc is not None:
+                del running[m]
+                if rc != 0:
+                    tail = partial.with_suffix(".log").read_text().strip().splitlines()[-5:]
+                    failed.append(m)
+                    log.error("%s failed (exit %d): %s", m, rc, " | ".join(tail))
+                else:
+                    log.info("finished %s", m)
+    data = json.loads(json_path.read_text())
+    data["config"]["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    data["config"]["machine"]["load_avg_at_end"] = os.getloadavg()
+    merge(json_path, data["config"], {})
+    if not a.no_report:
+        for p in write_report(json_path, out_dir, None if a.smoke else DOCS):
+            log.info("wrote %s", p)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- report
+
+
+def summary(m: dict[str, Any]) -> dict[str, float | None]:
+    """The figures the issue asks about, for one method's record."""
+    rounds = m["rounds"]
+    if not rounds:
+        return {}
+    peaks = [r["peak_rss_mib"] for r in rounds]
+    clean = [r["clean_error"] for r in rounds if r["clean_error"] is not None]
+    return {"round1": rounds[0]["error"], "last": rounds[-1]["error"], "last_round": rounds[-1]["round"],
+            "drift": rounds[-1]["error"] - rounds[0]["error"],
+            "clean_start": m["clean_error_start"], "clean_last": clean[-1] if clean else None,
+            "forgetting": clean[-1] - m["clean_error_start"] if clean else None,
+            "peak_spread": (max(peaks) - min(peaks)) / min(peaks),
+            "peak_spread_after_1": (max(peaks[1:]) - min(peaks[1:])) / min(peaks[1:]) if len(peaks) > 1 else None,
+            "peak_max": max(peaks), "distance_last": rounds[-1]["param_distance"],
+            "distance_rel_last": rounds[-1]["param_distance_rel"]}
+
+
+def _pct(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+
+
+def label(name: str) -> str:
+    from benchmarks.methods import spec
+    return spec(name.removesuffix("_lam0")).short + (", lambda=0" if name.endswith("_lam0") else "")
+
+
+def _style(name: str) -> dict[str, Any]:
+    """The registry's colour of the method; the lambda = 0 ablation dashed in the same colour."""
+    from benchmarks.methods import spec
+    return {"color": spec(name.removesuffix("_lam0")).colour, "linestyle": "--" if name.endswith("_lam0") else "-",
+            "label": label(name)}
+
+
+def _order(methods: dict[str, Any]) -> list[str]:
+    return [m for m in METHODS if m in methods] + sorted(m for m in methods if m not in METHODS)
+
+
+def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = data["methods"]
+    order = _order(methods)
+    cfg = data["config"]
+    written = []
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for m in order:
+        rs = methods[m]["rounds"]
+        ax.plot([r["round"] for r in rs], [100 * r["error"] for r in rs], marker="o", ms=3, **_style(m))
+    ax.set_xlabel("round (one pass over the 15-corruption stream, no reset)")
+    ax.set_ylabel("error on the stream, %")
+    ax.set_title(f"Long-term continual adaptation: {cfg['frames_per_round']} frames per round, batch {cfg['batch']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    written.append(out_dir / "longterm_error.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for m in order:
+        rec = methods[m]
+        pts = [(0, rec["clean_error_start"])] + [(r["round"], r["clean_error"]) for r in rec["rounds"]
+                                                 if r["clean_error"] is not None]
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=4, **_style(m))
+    ax.set_xlabel("after round (0: before adaptation)")
+    ax.set_ylabel("error on clean test images, %")
+    ax.set_title(f"Forgetting: {cfg['clean_frames']} clean Fashion-MNIST test images, adapted state, no update")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    written.append(out_dir / "longterm_clean.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for m in order:
+        rs = methods[m]["rounds"]
+        axes[0].plot([r["round"] for r in rs], [r["peak_rss_mib"] for r in rs], marker="o", ms=3, **_style(m))
+        if rs and rs[0]["param_distance_rel"] is not None:
+            axes[1].plot([r["round"] for r in rs], [r["param_distance_rel"] for r in rs], marker="o", ms=3,
+                         **_style(m))
+    axes[0].set_ylabel("peak RSS of the round, MiB")
+    axes[1].set_ylabel("||theta - theta_start|| / ||theta_start||")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "longterm_rss_distance.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def markdown(data: dict[str, Any], fig_dir: str) -> str:
+    cfg, methods = data["config"], data["methods"]
+    order = _order(methods)
+    rounds = max((len(methods[m]["rounds"]) for m in order), default=0)
+    lines = [
+        "# Long-term adaptation: ten rounds of the continual stream",
+        "",
+        "Generated by `python -m benchmarks.longterm --report` from `benchmarks/results/longterm.json`; "
+        "the numbers come from the run below, nothing here is typed in by hand.",
+        "",
+        f"- Command: `{cfg['command']}` (started {cfg['started']}, finished {cfg.get('finished', 'not yet')}).",
+        f"- Machine: {cfg['machine']['platform']}, {cfg['machine']['cpus']} CPUs shared with other jobs "
+        f"(load average at start {', '.join(f'{v:.1f}' for v in cfg['machine']['load_avg_at_start'])}); "
+        f"every method in its own process, {cfg['threads']} thread.",
+        f"- Stream: Fashion-MNIST test images presented as 32x32x3 (padded 2 pixels, channel repeated), "
+        f"the 15 corruptions in the standard order at severity {cfg['severity']}, {cfg['frames_per_type']} "
+        f"images per corruption ({cfg['frames_per_round']} frames per round), batch {cfg['batch']}, repeated "
+        f"{cfg['rounds']} times with no reset. The same images come back every round.",
+        f"- Clean error: {cfg['clean_frames']} clean test images not in the stream, predicted with the "
+        "adapted state and no update: before round 1 and after rounds "
+        f"{', '.join(map(str, cfg['clean_after']))}. Methods that normalize with batch statistics "
+        "(BN adapt, TENT, CoTTA) get them from clean batches of the same size; EcoTTA and edgetta "
+        "predict with their meta BatchNorms' running statistics.",
+        "- Distance: L2 norm of (trained parameters now - at the start), relative to the start's "
+        "norm. edgetta and EcoTTA: the meta networks (from the warmed-up state); TENT: BatchNorm "
+        "affines; CoTTA: the student's weights.",
+        "- Peak RSS: the kernel's peak mark of the process, reset at the start of each round.",
+        "",
+        "## Error per round (%)",
+        "",
+        "| method | " + " | ".join(f"r{i}" for i in range(1, rounds + 1)) + " | r_last - r1 |",
+        "|---|" + "---:|" * (rounds + 1),
+    ]
+    for m in order:
+        rs = methods[m]["rounds"]
+        s = summary(methods[m])
+        cells = [_pct(r["error"]) for r in rs] + ["..."] * (rounds - len(rs))
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + f" | {_pct(s.get('drift'), True)} |")
+    lines += ["", "## Forgetting, distance, memory", "",
+              "| method | clean err. start | " + " | ".join(f"after r{r}" for r in cfg["clean_after"])
+              + " | clean change | distance (rel.) last round | peak RSS MiB (max) | peak spread r1-last | r2-last |",
+              "|---|" + "---:|" * (len(cfg["clean_after"]) + 6)]
+    for m in order:
+        rec, s = methods[m], summary(methods[m])
+        if not s:
+            continue
+        clean = {r["round"]: r["clean_error"] for r in rec["rounds"] if r["clean_error"] is not None}
+        dist = "-" if s["distance_last"] is None else f"{s['distance_last']:.3g} ({s['distance_rel_last']:.2%})"
+        spread2 = "-" if s["peak_spread_after_1"] is None else f"{s['peak_spread_after_1']:.1%}"
+        lines.append(f"| {label(m)} | {_pct(rec['clean_error_start'])} | "
+                     + " | ".join(_pct(clean.get(r)) for r in cfg["clean_after"])
+                     + f" | {_pct(s['forgetting'], True)} | {dist} | {s['peak_max']:.0f} | "
+                       f"{s['peak_spread']:.1%} | {spread2} |")
+    lines += ["", "## Against the issue's targets (edgetta)", ""]
+    for m in ("edgetta", "edgetta_lam0"):
+        if m not in methods or not methods[m]["rounds"]:
+            continue
+        s = summary(methods[m])
+        ok = lambda b: "met" if b else "NOT met"  # noqa: E731
+        lines.append(f"- {label(m)}: round {s['last_round']} - round 1 = {_pct(s['drift'], True)} points "
+                     f"(target within 1: {ok(abs(s['drift']) <= 0.01)}); clean error after round "
+                     f"{s['last_round']} - warmed-up = {_pct(s['forgetting'], True)} points (target within 2: "
+                     f"{ok(s['forgetting'] is not None and s['forgetting'] <= 0.02)}); peak RSS spread over rounds "
+                     f"{s['peak_spread']:.1%} (target within 2%: {ok(s['peak_spread'] <= 0.02)}).")
+    commands = sorted({methods[m].get("command", cfg["command"]) for m in order})
+    lines += ["", "Runs (each row is reproduced by the command that wrote it):", ""]
+    lines += [f"- `{c}`: " + ", ".join(label(m) for m in order if methods[m].get("command", cfg["command"]) == c)
+              for c in commands]
+    notes = sorted({n for m in order for n in methods[m].get("notes", [])})
+    if notes:
+        lines += ["", "Notes from the runs:", ""] + [f"- {n}" for n in notes]
+    lines += ["", "## Figures", "",
+              f"![error per round]({fig_dir}/longterm_error.png)", "",
+              f"![clean error after each checkpointed round]({fig_dir}/longterm_clean.png)", "",
+              f"![peak RSS and parameter distance per round]({fig_dir}/longterm_rss_distance.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(json_path: Path, out_dir: Path, doc: Path | None) -> list[Path]:
+    """Plots beside the JSON; the markdown at ``doc`` (docs/longterm.md), or beside the JSON."""
+    from edgetta.system import write_text_atomic
+    data = json.loads(json_path.read_text())
+    written = plots(data, out_dir)
+    doc = doc or out_dir / "longterm.md"
+    fig_dir = os.path.relpath(out_dir, doc.parent)
+    text = markdown(data, fig_dir)
+    if doc.exists():  # keep the hand-written analysis below the generated part
+        old = doc.read_text()
+        marker = "<!-- analysis -->"
+        if marker in old:
+            text += "\n" + old[old.index(marker):]
+    write_text_atomic(doc, text)
+    return written + [doc]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.longterm", description=__doc__,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--frames-per-type", type=int, default=200)
+    p.add_argument("--severity", type=int, default=5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--clean-frames", type=int, default=2000)
+    p.add_argument("--clean-after", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--lam", type=float, default=0.5, help="EcoTTA's lambda of the bundle (not the _lam0 methods')")
+    p.add_argument("--e0", type=float, default=None, help="EcoTTA's entropy threshold (default: the exporter's)")
+    p.add_argument("--lr", type=float, default=None, help="edgetta: SGD learning rate (default: the bundle's)")
+    p.add_argument("--anchor", type=float, default=None,
+                   help="edgetta: after each step move the meta networks this fraction back to the warmed-up state")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2, help="processes at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--report", action="store_true", help="only regenerate the report from the JSON")
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny run: 2 frames per type, batch 8, 2 rounds")
+    # worker mode (one method in this process)
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--stream", help=argparse.SUPPRESS)
+    p.add_argument("--bundle", help=argparse.SUPPRESS)
+    p.add_argument("--partial", help=argparse.SUPPRESS)
+    p.add_argument("--clean", help=argparse.SUPPRESS)
+    p.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    p.add_argument("--cpu", help=argparse.SUPPRESS)  # TEMP: passed by a driver of an earlier revision
+    a = p.parse_args(argv)
+    a.argv = list(argv if argv is not None else sys.argv[1:])
+    if a.worker in EDGETTA_METHODS:
+        sys.modules["torch"] = None  # as on a device: onnxruntime-training must not pull torch in
+        sys.modules["torchvision"] = None
+    if a.worker:
+        return run_worker(a)
+    if a.report:
+        out_dir = Path(a.out_dir)
+        for path in write_report(out_dir / "longterm.json", out_dir, DOCS if out_dir == RESULTS else None):
+            print(f"wrote {path}")
+        return 0
+    if a.smoke:
+        a.frames_per_type, a.batch, a.rounds, a.clean_frames, a.clean_after, a.poll = 2, 8, 2, 16, [1, 2], 0.5
+    return run_driver(a)
+
+
+if __name__ == "__main__":
+    run_cli(main)

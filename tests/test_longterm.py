@@ -1,0 +1,46 @@
+"""The long-term suite (``python -m benchmarks.longterm``) on a tiny stream: every method keeps
+its rounds, the clean-image checkpoints and the figures, and the device runtime follows EcoTTA
+in PyTorch round after round."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_longterm_smoke(tmp_path):
+    out = tmp_path / "results"
+    env = dict(os.environ, EDGETTA_BENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    methods = ["tent", "ecotta_torch", "edgetta", "edgetta_lam0"]
+    r = subprocess.run([sys.executable, "-m", "benchmarks.longterm", "--smoke", "--out-dir", str(out),
+                        "--methods", *methods], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "longterm.json").read_text())
+    cfg = data["config"]
+    assert cfg["rounds"] == 2 and cfg["frames_per_round"] == 30 and cfg["clean_after"] == [1, 2]
+    res = data["methods"]
+    assert set(res) == set(methods)
+    for m, rec in res.items():
+        assert rec["finished"] and [x["round"] for x in rec["rounds"]] == [1, 2], m
+        assert 0.0 <= rec["clean_error_start"] <= 1.0
+        for row in rec["rounds"]:
+            assert 0.0 <= row["error"] <= 1.0 and len(row["error_per_domain"]) == 15
+            assert row["clean_error"] is not None and row["peak_rss_mib"] > 0
+            assert row["param_distance"] > 0  # every one of these methods trains something
+        # adaptation without reset moves the parameters further in round 2
+        assert rec["rounds"][1]["param_distance"] > rec["rounds"][0]["param_distance"], m
+    assert res["edgetta"]["torch_loaded"] is False and res["tent"]["torch_loaded"] is True
+    assert res["edgetta"]["lam"] == 0.5 and res["edgetta_lam0"]["lam"] == 0.0
+    # the device runtime follows EcoTTA in PyTorch over rounds: same stream predictions, same
+    # distance (clean predictions use running statistics, which the PyTorch reference updates in
+    # each of its two forward passes per step, edgetta once)
+    for a, b in zip(res["edgetta"]["rounds"], res["ecotta_torch"]["rounds"]):
+        assert a["error"] == b["error"]
+        assert abs(a["param_distance"] - b["param_distance"]) <= 1e-3 * b["param_distance"]
+    # the regularizer changes the updates
+    assert res["edgetta_lam0"]["rounds"][1]["param_distance"] != res["edgetta"]["rounds"][1]["param_distance"]
+    for name in ("longterm_error.png", "longterm_clean.png", "longterm_rss_distance.png", "longterm.md"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "longterm.md").read_text()
+    assert "| edgetta |" in md and "lambda=0" in md and "TENT" in md
