@@ -43,7 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 import numpy as np
 
 
-def _spatial_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+def spatial_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
     inferred = onnx.shape_inference.infer_shapes(model)
     dims = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -53,7 +53,7 @@ def _spatial_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
     return dims
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
+def node_attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -84,7 +84,7 @@ def _backward(nodes: list[onnx.NodeProto], seed: str = "loss_grad") -> set[int]:
 
 
 def _is_float_cast(node: onnx.NodeProto | None, to: int) -> bool:
-    return node is not None and node.op_type == "Cast" and _attrs(node).get("to") == to
+    return node is not None and node.op_type == "Cast" and node_attrs(node).get("to") == to
 
 
 def merge_stop_gradient_twins(training: onnx.ModelProto) -> int:
@@ -341,7 +341,7 @@ def _constant_value(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], name: s
             return float(numpy_helper.to_array(init).reshape(-1)[0])
     for node in nodes:
         if node.op_type == "Constant" and node.output[0] == name:
-            return float(numpy_helper.to_array(_attrs(node)["value"]).reshape(-1)[0])
+            return float(numpy_helper.to_array(node_attrs(node)["value"]).reshape(-1)[0])
     return None
 
 
@@ -382,7 +382,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     (ARM) it only adds two transposes. Returns how many nodes were rewritten."""
     twins = merge_stop_gradient_twins(training)
     moved = regularizer_backward_early(training)
-    spatial = _spatial_dims(forward)
+    spatial = spatial_dims(forward)
     per_sample = _per_sample_elems(forward)
     consts = _Constants(training.graph)
     before: dict[int, list[onnx.NodeProto]] = {}
@@ -426,7 +426,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             x = node.input[1]
             if wants_weight or wants_bias or x not in spatial:
                 continue
-            a = _attrs(node)
+            a = node_attrs(node)
             k = list(a["kernel_shape"])
             strides = list(a.get("strides", [1] * len(k)))
             pads = list(a.get("pads", [0] * 2 * len(k)))

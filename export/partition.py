@@ -29,14 +29,11 @@ import torch
 from torch import fx, nn
 import torch.nn.functional as F
 
-from edgetta.errors import EdgettaError
-
 from .ecotta import default_split
+from .errors import ExportError
 from .models import Backbone
 
-
-class ExportError(EdgettaError):
-    """A model or checkpoint the exporter cannot turn into a bundle; the message says why."""
+__all__ = ["ExportError", "Cut", "cuts", "part_ends", "partition", "trace", "units"]
 
 
 def hard_swish(x: torch.Tensor) -> torch.Tensor:
@@ -148,14 +145,16 @@ def cuts(gm: fx.GraphModule, input_size: int, in_channels: int = 3) -> list[Cut]
 
 
 def units(all_cuts: list[Cut]) -> list[Cut]:
-    """The cuts that end a unit: a unit ends where the next segment begins with a convolution;
-    the last unit ends with the last segment that holds one (what follows is the head). A
-    conv-less segment thus joins the unit before it (conv-BN-activation stays whole); in a
-    pre-activation network (WRN) a block's leading BN-ReLU joins the block before it."""
+    """The cuts that end a unit: a unit ends where the next segment begins with a convolution,
+    so a conv-less segment (BatchNorm, activation) joins the unit before it; the last unit
+    takes the conv-less segments after it up to global pooling (the first 1x1 map), the head
+    the rest. In a pre-activation network (WRN) a block's leading BN-ReLU thus joins the block
+    before it."""
     convs = [j for j, c in enumerate(all_cuts) if c.has_conv]
     if not convs:
         return []
-    return [all_cuts[j] for j in range(convs[0], convs[-1]) if all_cuts[j + 1].has_conv] + [all_cuts[convs[-1]]]
+    tail = [j for j in range(convs[-1], len(all_cuts)) if j == convs[-1] or all_cuts[j].size != (1, 1)]
+    return [all_cuts[j] for j in range(convs[0], convs[-1]) if all_cuts[j + 1].has_conv] + [all_cuts[tail[-1]]]
 
 
 def _segment(gm: fx.GraphModule, nodes: list[fx.Node], start: int, end: int | None) -> fx.GraphModule:

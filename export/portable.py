@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .lean import _attrs, _spatial_dims
+from .errors import ExportError
+from .lean import node_attrs, spatial_dims
 
 AXES_NCHW = [0, 2, 3]
 
@@ -54,7 +55,7 @@ class _Builder:
 
 def _batchnorm(b: _Builder, node: onnx.NodeProto) -> None:
     x, scale, bias = node.input[:3]
-    eps = _attrs(node).get("epsilon", 1e-5)
+    eps = node_attrs(node).get("epsilon", 1e-5)
     mean4 = b.op("ReduceMean", [x], axes=AXES_NCHW, keepdims=1)
     d = b.op("Sub", [x, mean4])
     var4 = b.op("ReduceMean", [b.op("Mul", [d, d])], axes=AXES_NCHW, keepdims=1)
@@ -88,7 +89,7 @@ def _batchnorm_grad(b: _Builder, node: onnx.NodeProto) -> None:
 def _conv_grad(b: _Builder, node: onnx.NodeProto, spatial: dict[str, list[int]]) -> None:
     dy, x, w = node.input[:3]
     outs = list(node.output) + ["", "", ""]
-    a = _attrs(node)
+    a = node_attrs(node)
     k = list(a["kernel_shape"])
     nd = len(k)
     strides = list(a.get("strides", [1] * nd))
@@ -96,7 +97,7 @@ def _conv_grad(b: _Builder, node: onnx.NodeProto, spatial: dict[str, list[int]])
     dil = list(a.get("dilations", [1] * nd))
     group = a.get("group", 1)
     if group != 1 and (outs[1] or outs[2]):  # meta networks' convs are plain; frozen ones need only dX
-        raise NotImplementedError(f"weight gradient of grouped convolution {node.name} has no portable form here")
+        raise ExportError(f"weight gradient of grouped convolution {node.name} has no portable form here")
     xs = spatial[x]
     ys = [(xs[d] + pads[d] + pads[d + nd] - dil[d] * (k[d] - 1) - 1) // strides[d] + 1 for d in range(nd)]
     if outs[0]:
@@ -124,13 +125,13 @@ def _relu_grad(b: _Builder, node: onnx.NodeProto) -> None:
 
 def _log_softmax_grad(b: _Builder, node: onnx.NodeProto) -> None:
     dy, y = node.input[:2]
-    axis = _attrs(node).get("axis", -1)
+    axis = node_attrs(node).get("axis", -1)
     total = b.op("ReduceSum", [dy, b.const([axis])], keepdims=1)
     b.op("Sub", [dy, b.op("Mul", [b.op("Exp", [y]), total])], node.output[0])
 
 
 def _scale(b: _Builder, node: onnx.NodeProto) -> None:
-    op = "Div" if _attrs(node).get("scale_down", 0) else "Mul"
+    op = "Div" if node_attrs(node).get("scale_down", 0) else "Mul"
     factor = b.op("Cast", [node.input[1]], to=TensorProto.FLOAT)  # onnxruntime's Scale takes ints too
     b.op(op, [node.input[0], factor], node.output[0])
 
@@ -140,7 +141,7 @@ def make_portable(training: onnx.ModelProto, forward: onnx.ModelProto, trainable
     model = onnx.ModelProto()
     model.CopyFrom(training)
     g = model.graph
-    spatial = _spatial_dims(forward)
+    spatial = spatial_dims(forward)
     b = _Builder(g)
     grads: dict[str, str] = {}
     for node in list(g.node):
@@ -162,7 +163,8 @@ def make_portable(training: onnx.ModelProto, forward: onnx.ModelProto, trainable
             param = node.input[0].removesuffix("_grad.accumulation.buffer")
             grads[param] = node.input[1]
         else:
-            raise NotImplementedError(f"no standard-op form for {node.domain}:{node.op_type}")
+            raise ExportError(f"the portable step has no standard-op form for {node.domain}:{node.op_type} "
+                              "(export without it: portable=False)")
     missing = [p for p in trainable if p not in grads]
     if missing:
         raise RuntimeError(f"training graph has no gradient for {missing}")

@@ -53,25 +53,20 @@ def init_meta_from_source(model: EcoTTAModel, x: torch.Tensor) -> None:
         bn.bias.copy_(mean)
 
 
-def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
-           data_root: str | None, limit: int | None = None) -> dict:
+def warm_up_meta(model: EcoTTAModel, x_train: np.ndarray, y_train: np.ndarray, mean: list[float],
+                 std: list[float], *, epochs: float, batch: int, lr: float, seed: int) -> int:
+    """Cross-entropy warm-up of ``model``'s meta networks on uint8 NHWC images (backbone frozen);
+    returns the number of steps. Progress bar on a terminal only."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    backbone = checkpoint.build_backbone(ckpt)
-    model = EcoTTAModel(backbone, default_split(len(backbone.blocks), k))
-    x_train, y_train, _ = datasets.load(ckpt.get("dataset", "fashion-mnist"), "train", data_root)
-    x_test, y_test, _ = datasets.load(ckpt.get("dataset", "fashion-mnist"), "test", data_root)
-    if limit:
-        x_train, y_train = x_train[:limit], y_train[:limit]
-    mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
     model.train()
     init_meta_from_source(model, to_tensor(x_train[rng.permutation(len(x_train))[:512]], mean, std))
     opt = torch.optim.SGD(model.meta_parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     steps = max(1, int(math.ceil(epochs * len(x_train) / batch)))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    start = time.time()
     order = np.concatenate([rng.permutation(len(x_train)) for _ in range(int(math.ceil(epochs)) + 1)])
-    bar = tqdm(range(steps), desc="meta warm-up", unit="batch", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="meta warm-up", unit="batch", file=sys.stderr, dynamic_ncols=True,
+               disable=None)
     for step in bar:
         idx = order[step * batch:(step + 1) * batch]
         x = to_tensor(colour_blur_grey(augment(x_train[idx], rng), rng), mean, std)
@@ -82,6 +77,21 @@ def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
         sched.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    return steps
+
+
+def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
+           data_root: str | None, limit: int | None = None) -> dict:
+    torch.manual_seed(seed)
+    backbone = checkpoint.build_backbone(ckpt)
+    model = EcoTTAModel(backbone, default_split(len(backbone.blocks), k))
+    x_train, y_train, _ = datasets.load(ckpt.get("dataset", "fashion-mnist"), "train", data_root)
+    x_test, y_test, _ = datasets.load(ckpt.get("dataset", "fashion-mnist"), "test", data_root)
+    if limit:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+    mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
+    start = time.time()
+    steps = warm_up_meta(model, x_train, y_train, mean, std, epochs=epochs, batch=batch, lr=lr, seed=seed)
     source_acc = evaluate(backbone, x_test, y_test, mean, std)
     meta_acc = evaluate(model, x_test, y_test, mean, std)
     out = dict(ckpt)
