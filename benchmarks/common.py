@@ -57,9 +57,15 @@ def _save_stream(path: Path, per_type: int, severity: int | tuple[int, ...], see
                  description=np.array(str(s["description"]) + f" (seed {seed})"))
 
 
-def untrained_checkpoint(model_name: str, sparsity: float = 0.8, seed: int = 0) -> dict[str, Any]:
-    """An untrained checkpoint of any zoo model (ERK-pruned like the default model, meta
-    networks attached) for memory measurements, where the weights' values do not matter."""
+def untrained_checkpoint(model_name: str, sparsity: float = 0.8, seed: int = 0, *, cold: bool = False,
+                         normalization: tuple[float, float] = (0.5, 0.25)) -> dict[str, Any]:
+    """An untrained checkpoint of any zoo model, ERK-pruned like the default model, with meta
+    networks attached: the project's one recipe for runs where the weights' values do not matter
+    (memory measurements here, the test suite's small models in tests/conftest.py).
+
+    BatchNorms get non-trivial statistics and affines, as a trained net has; so do the meta
+    networks' BatchNorms unless ``cold`` (freshly initialised). ``normalization``: the input's
+    (mean, std), the same for every channel."""
     import torch
     from edgetta_export import checkpoint
     from edgetta_export.ecotta import EcoTTAModel, default_split
@@ -72,16 +78,26 @@ def untrained_checkpoint(model_name: str, sparsity: float = 0.8, seed: int = 0) 
     if sparsity > 0:
         masks = random_masks(backbone, layer_densities(backbone, 1 - sparsity, "erk"), seed)
         apply_masks(backbone, masks)
-    for m in backbone.modules():  # non-trivial source statistics, as a trained net has
+    for m in backbone.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
     model = EcoTTAModel(backbone, default_split(len(backbone.blocks)))
+    if not cold:
+        for meta in model.metas:
+            for bn in meta.batchnorms().values():
+                bn.weight.data.uniform_(0.5, 1.5)
+                bn.bias.data.uniform_(-0.1, 0.1)
+                bn.running_mean.uniform_(-0.1, 0.1)
+                bn.running_var.uniform_(0.5, 1.5)
+    mean, std = normalization
     return {"model": model_name, "class_names": [f"c{i}" for i in range(CONFIGS[model_name].num_classes)],
             "state_dict": backbone.state_dict(), "masks": checkpoint.pack_masks(masks),
             "meta_state_dict": model.metas.state_dict(), "split": model.split,
             "input_size": CONFIGS[model_name].input_size,
-            "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+            "normalization": {"mean": [mean] * 3, "std": [std] * 3},
             "pruning": {"scheme": "erk" if sparsity else "dense", "sparsity": sparsity, "seed": seed}}
 
 
