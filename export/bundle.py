@@ -40,6 +40,8 @@ from .ecotta import EcoTTAModel, loss_from_features
 from .lean import make_lean
 from .portable import make_portable
 from .models import Backbone
+from .errors import ExportError, training_graph_refusal
+from .partition import part_ends
 from .pruning import sparsity_report, total_density
 
 SCHEMA_VERSION = contract.SUPPORTED_SCHEMA
@@ -209,6 +211,9 @@ def _native_stderr_to(path: Path):
         os.dup2(f.fileno(), 2)
     try:
         yield
+    except ExportError:  # already one line that says what
+        os.dup2(saved, 2)
+        raise
     except Exception:
         os.dup2(saved, 2)
         sys.stderr.write(path.read_text(errors="replace")[-4000:])
@@ -327,9 +332,12 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
         _fix_ir(train_proto)
         log = Path(tempfile.mkstemp(prefix="edgetta-export-", suffix=".log")[1])
         with _native_stderr_to(log):
-            artifacts.generate_artifacts(train_proto, requires_grad=meta_params,
-                                         frozen_params=meta_stats, loss=None,
-                                         optimizer=artifacts.OptimType.SGD, artifact_directory=tmp)
+            try:
+                artifacts.generate_artifacts(train_proto, requires_grad=meta_params,
+                                             frozen_params=meta_stats, loss=None,
+                                             optimizer=artifacts.OptimType.SGD, artifact_directory=tmp)
+            except RuntimeError as e:
+                raise training_graph_refusal(e) from None
         log.unlink(missing_ok=True)
         (tmp / "eval_model.onnx").unlink(missing_ok=True)  # inference.onnx serves instead
         rewrites = {}
@@ -381,7 +389,8 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                       "resize": [size, size], "scale": 1.0 / 255.0, "mean": mean, "std": std},
             "class_names": list(ckpt["class_names"]),
             "ecotta": {"k": model.k, "split": model.split, "lambda": lam, "e0": e0,
-                       "entropy_average": "batch"},
+                       "entropy_average": "batch",
+                       "part_ends": ckpt.get("part_ends") or part_ends(model.backbone, model.split)},
             "adaptation": {"optimizer": "sgd", "lr": lr, "momentum": momentum,
                            "batch_size": batch_size, "bn_momentum": bn_momentum,
                            "momentum_note": "onnxruntime-training's SGD has no momentum; the "
