@@ -91,7 +91,7 @@ def plot_memory_vs_batch(data: dict, path: Path) -> Path | None:
         for m, r in main["results"].items():
             if ok(r):
                 points.setdefault(m, []).append((main["config"]["batch"], r["peak_rss_mib"], None))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.3))
     for m in ordered(points):
         pts = sorted(points[m])
         ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, color=spec(m).colour,
@@ -111,8 +111,10 @@ def plot_memory_vs_batch(data: dict, path: Path) -> Path | None:
     ax1.set_title("Peak memory against batch size\n(each method as it ships: torch with glibc defaults)", fontsize=9)
     ax2.set_ylabel("error (%)")
     ax2.set_title(f"Error against batch size ({15 * small['config']['frames_per_type']}-frame stream)", fontsize=9)
-    ax1.legend(fontsize=8, frameon=False)
-    return _save(plt, fig, path)
+    # one legend for both panels, below them, where no line runs
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    return _save(plt, fig, path, rect=(0, 0.06, 1, 1))
 
 
 def plot_sparsity(data: dict, path: Path) -> Path | None:
