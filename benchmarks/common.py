@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -169,7 +170,9 @@ def run_job(args: list[str], threads: int, timeout: float) -> dict[str, Any]:
 
 def run_cli(main: Callable[[], int]) -> NoReturn:
     """Exit with ``main()``'s code; a missing file or an edgetta error is one line on stderr and
-    exit 2, and a closed pipe (``| head``) ends the program quietly."""
+    exit 2, and a closed pipe (``| head``) ends the program quietly. Library code reports through
+    ``logging``; here its INFO lines go to stderr as plain text."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         code = main()
         sys.stdout.flush()

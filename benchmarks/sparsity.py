@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import sys
 import time
@@ -27,6 +28,8 @@ from benchmarks import report
 from benchmarks.common import (CACHE, RESULTS, HelpFormatter, continual_stream, export_cached_bundle, load_json,
                                merge_json, run_cli, run_job)
 from benchmarks.tables import SPARSE_MAX_DENSITY
+
+log = logging.getLogger(__name__)
 
 CONFIGS = (("dense", "dense", 0.0), ("uniform 50%", "uniform", 0.5), ("uniform 80%", "uniform", 0.8),
            ("uniform 90%", "uniform", 0.9), ("ERK 50%", "erk", 0.5), ("ERK 80%", "erk", 0.8),
@@ -96,7 +99,7 @@ def run(smoke: bool = False, threads: int = 1, seed: int = 0, per_type: int = 20
             })
         except Exception as e:  # one failed backbone must not lose the others
             results.append({"name": name, "failed": f"{type(e).__name__}: {e}"[-400:]})
-        bar.write(json.dumps(results[-1]))
+        log.info("%s", json.dumps(results[-1]))
     return {"config": {"model": "wrn16_2", "epochs": epochs, "train_images": train_images,
                        "warmup_epochs": warmup_epochs, "warmup_images": warmup_images,
                        "frames_per_type": per_type, "batch": batch, "threads": threads, "seed": seed,
