@@ -46,7 +46,6 @@ from .pruning import sparsity_report, total_density
 
 SCHEMA_VERSION = contract.SUPPORTED_SCHEMA
 OPSET = 17
-TRAINING_FILES = ("training_model.onnx", "optimizer_model.onnx", "checkpoint")
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "wrn16_2_erk80_k4.pt"
 
 
