@@ -76,7 +76,8 @@ class RoundResult:
     param_distance: float | None
     param_distance_rel: float | None
     mean_loss: float | None = None
-    clean_error: float | None = None
+    clean_error: float | None = None              # prediction as the method makes it
+    clean_error_batch_stats: float | None = None  # EcoTTA / edgetta: meta BNs on the clean batch's statistics
 
 
 @dataclass
@@ -90,6 +91,7 @@ class MethodResult:
     anchor: float | None = None
     rounds: list[RoundResult] = field(default_factory=list)
     clean_error_start: float | None = None
+    clean_error_start_batch_stats: float | None = None
     rss_loaded_mib: float | None = None
     peak_reset: bool = False
     torch_loaded: bool | None = None
@@ -102,6 +104,8 @@ class MethodResult:
 class Runner(Protocol):
     def step(self, frames: np.ndarray) -> np.ndarray: ...          # predict, then adapt
     def predict(self, frames: np.ndarray) -> np.ndarray: ...       # adapted state, no update
+    # the same with every BatchNorm on the batch's statistics (None: predict does that already)
+    predict_batch_stats: Callable[[np.ndarray], np.ndarray] | None
     def distance(self) -> tuple[float | None, float | None]: ...   # (L2, L2 / norm at start)
 
 
@@ -127,6 +131,7 @@ class EdgettaRunner:
         self.start = self.adapter.meta_state()
         self.anchor = anchor
         self.losses: list[float] = []
+        self.snapshot = CACHE / "longterm" / f"snapshot-{os.getpid()}.npz"
 
     def step(self, frames: np.ndarray) -> np.ndarray:
         logits = self.adapter.step(frames)
@@ -140,6 +145,17 @@ class EdgettaRunner:
 
     def predict(self, frames: np.ndarray) -> np.ndarray:
         return self.adapter.step(frames, adapt=False)
+
+    def predict_batch_stats(self, frames: np.ndarray) -> np.ndarray:
+        """The logits an adaptation step computes (meta BatchNorms on this batch's statistics),
+        with the state saved before and resumed after: nothing changes."""
+        snapshot = self.snapshot
+        self.adapter.save(snapshot)
+        try:
+            return self.adapter.step(frames)
+        finally:
+            self.adapter.resume(snapshot)
+            snapshot.unlink()
 
     def distance(self) -> tuple[float | None, float | None]:
         now = self.adapter.meta_state()
@@ -172,6 +188,7 @@ class TorchRunner:
         teacher = getattr(self.method, "teacher", None)
         self.predictor = teacher if teacher is not None else self.method.modules()[0]
         self.is_ecotta = method.startswith("ecotta_torch")
+        self.predict_batch_stats = self._predict_batch_stats if self.is_ecotta else None
 
     def _x(self, frames: np.ndarray):
         return self.to_tensor(frames, self.mean, self.std)
@@ -187,6 +204,14 @@ class TorchRunner:
             out = net(self._x(frames)).numpy()
         if self.is_ecotta:
             net.train()
+        return out
+
+    def _predict_batch_stats(self, frames: np.ndarray) -> np.ndarray:
+        net = self.predictor
+        saved = {k: v.clone() for k, v in net.state_dict().items()}  # train mode moves running stats
+        with self.torch.no_grad():
+            out = net(self._x(frames)).numpy()
+        net.load_state_dict(saved)
         return out
 
     def distance(self) -> tuple[float | None, float | None]:
@@ -235,7 +260,13 @@ def run_worker(a: argparse.Namespace) -> int:
                        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        torch_loaded=sys.modules.get("torch") is not None, notes=list(runner.notes))
     res.rss_loaded_mib = rss_bytes() / MIB
-    res.clean_error_start = float((_predict_all(runner.predict, clean_x, a.batch) != clean_y).mean())
+    def clean_errors() -> tuple[float, float | None]:
+        err = float((_predict_all(runner.predict, clean_x, a.batch) != clean_y).mean())
+        if runner.predict_batch_stats is None:
+            return err, None
+        return err, float((_predict_all(runner.predict_batch_stats, clean_x, a.batch) != clean_y).mean())
+
+    res.clean_error_start, res.clean_error_start_batch_stats = clean_errors()
     out = Path(a.partial)
     n_batches = -(-len(images) // a.batch)
     for r in range(1, a.rounds + 1):
@@ -253,12 +284,14 @@ def run_worker(a: argparse.Namespace) -> int:
         if isinstance(runner, EdgettaRunner):
             row.mean_loss = runner.mean_loss(n_batches)
         if r in a.clean_after:
-            row.clean_error = float((_predict_all(runner.predict, clean_x, a.batch) != clean_y).mean())
+            row.clean_error, row.clean_error_batch_stats = clean_errors()
         res.rounds.append(row)
         log.info("%s round %d: error %.4f clean %s peak %.1f MiB distance %s (%.0f s)", res.method, r, row.error,
                  row.clean_error, row.peak_rss_mib, dist, seconds)
         if r == a.rounds:
             res.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            if isinstance(runner, EdgettaRunner):  # the adapted state, for a look at what moved
+                runner.adapter.save(out.with_suffix(".state.npz"))
         write_text_atomic(out, json.dumps(asdict(res), indent=1))
     return 0
 
@@ -270,7 +303,9 @@ def run_worker(a: argparse.Namespace) -> int:
 def _locked(path: Path):
     """Several drivers may merge into one report: one at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
+    lock_path = CACHE / "longterm" / (path.resolve().as_posix().replace("/", "_") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -308,6 +343,24 @@ def variant_tag(a: argparse.Namespace) -> str:
     return "".join(f"+{k}{v:g}" for k, v, default in parts if v != default)
 
 
+def _partial_dir(smoke: bool) -> Path:
+    return CACHE / "longterm" / ("smoke" if smoke else "full")
+
+
+def collect(a: argparse.Namespace) -> int:
+    """Merge the workers' partial files of ``--methods`` (with this variant's tag) into the report:
+    for rounds a stopped driver did not merge."""
+    json_path = Path(a.out_dir) / "longterm.json"
+    found = {}
+    for m in a.methods:
+        partial = _partial_dir(a.smoke) / f"{m}{variant_tag(a)}.json"
+        if partial.exists():
+            found[m] = json.loads(partial.read_text())
+            log.info("%s: %d rounds in %s", m, len(found[m]["rounds"]), partial)
+    merge(json_path, None, {r["method"]: r for r in found.values()})
+    return 0
+
+
 def run_driver(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     out_dir = Path(a.out_dir)
@@ -319,7 +372,7 @@ def run_driver(a: argparse.Namespace) -> int:
         raise SystemExit("error: --lam/--e0/--lr/--anchor variants are for edgetta and edgetta_lam0")
     setting = {m: (0.0 if m.endswith("_lam0") else a.lam, a.e0) for m in a.methods}
     paths = bundles(set(setting.values()))
-    partial_dir = CACHE / "longterm" / ("smoke" if a.smoke else "full")
+    partial_dir = _partial_dir(a.smoke)
     partial_dir.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.longterm " + shlex.join(a.argv)
     config = {"command": command, "frames_per_type": a.frames_per_type, "severity": a.severity,
@@ -598,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--report", action="store_true", help="only regenerate the report from the JSON")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--collect", action="store_true",
+                   help="only merge the partial results of --methods (a stopped run's) into the JSON")
     p.add_argument("--smoke", action="store_true", help="tiny run: 2 frames per type, batch 8, 2 rounds")
     # worker mode (one method in this process)
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -606,7 +661,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partial", help=argparse.SUPPRESS)
     p.add_argument("--clean", help=argparse.SUPPRESS)
     p.add_argument("--tag", default="", help=argparse.SUPPRESS)
-    p.add_argument("--cpu", help=argparse.SUPPRESS)  # TEMP: passed by a driver of an earlier revision
     a = p.parse_args(argv)
     a.argv = list(argv if argv is not None else sys.argv[1:])
     if a.worker in EDGETTA_METHODS:
@@ -619,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_report(out_dir / "longterm.json", out_dir, DOCS if out_dir == RESULTS else None):
             print(f"wrote {path}")
         return 0
+    if a.collect:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        return collect(a)
     if a.smoke:
         a.frames_per_type, a.batch, a.rounds, a.clean_frames, a.clean_after, a.poll = 2, 8, 2, 16, [1, 2], 0.5
     return run_driver(a)
