@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -207,7 +208,7 @@ def test_mjpeg_stream_with_drops_metrics_preview_and_sigterm_checkpoint(tiny_bun
         assert metric(metrics, 'skipped_frames_total{kind="nan"}') == 0
         assert metric(metrics, "peak_resident_memory_bytes") > 10e6
         assert metric(metrics, "frames_per_second") > 0
-        assert "# TYPE edgetta_frames counter" in metrics
+        assert "# TYPE edgetta_frames_total counter" in metrics
         health = json.loads(get(f"http://127.0.0.1:{http}/health"))
         assert health["status"] == "ok" and health["frames"] >= 60
         latest = json.loads(get(f"http://127.0.0.1:{http}/predictions"))
@@ -414,3 +415,284 @@ def test_frame_parsers():
     import io
     body = b"--b\r\nContent-Type: image/jpeg\r\n\r\nAAA\r\n--b\r\nContent-Length: 2\r\n\r\nBB\r\n--b\r\n\r\n"
     assert list(mjpeg_parts(io.BufferedReader(io.BytesIO(body), 4), b"b", chunk=3)) == [b"AAA", b"BB"]
+
+
+# -- service behaviour: health, limits, hostile clients, full disk, bad state ----------------
+
+class ScriptedServer:
+    """An HTTP server on 127.0.0.1 whose GET handler is ``script(handler)``."""
+
+    def __init__(self, script):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                try:
+                    script(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/cam"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def jpeg_bytes(seed=0):
+    import io
+    from PIL import Image
+    img = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, "JPEG")
+    return out.getvalue()
+
+
+def status_of(url, timeout=5):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_health_and_ready_fail_soon_after_the_camera_goes_away_and_metrics_parse(tiny_bundle):
+    from prometheus_client.parser import text_string_to_metric_families
+    jpg = jpeg_bytes()
+    alive = threading.Event()
+    alive.set()
+
+    def camera(h):
+        h.send_response(200)
+        h.send_header("Content-Type", "multipart/x-mixed-replace; boundary=f")
+        h.end_headers()
+        while alive.is_set():
+            h.wfile.write(b"--f\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
+            time.sleep(0.04)
+
+    cam = ScriptedServer(camera)
+    s = Serve(tiny_bundle, "--source", cam.url, "--batch", 8, "--http", 0, "--stale-after", 3,
+              "--frame-timeout", 2, "--reconnect-delay", 0.2, "--reconnect-attempts", 0)
+    try:
+        port = s.port(r"http://127\.0\.0\.1:(\d+)/metrics")
+        s.wait_for(lambda: len(s.out) >= 40)
+        assert status_of(f"http://127.0.0.1:{port}/health")[0] == 200
+        code, body = status_of(f"http://127.0.0.1:{port}/ready")
+        assert code == 200 and body["ready"] and body["reasons"] == []
+        text = get(f"http://127.0.0.1:{port}/metrics")
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        assert fams["edgetta_frames"].type == "counter"
+        assert fams["edgetta_frames"].samples[0].value >= 40
+        for name in ("edgetta_predict_seconds", "edgetta_adapt_seconds", "edgetta_frame_latency_seconds"):
+            assert fams[name].type == "histogram"
+            buckets = [x for x in fams[name].samples if x.name.endswith("_bucket")]
+            assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value > 0
+            assert [b.value for b in buckets] == sorted(b.value for b in buckets)
+        info = fams["edgetta_build_info"].samples[0]
+        assert info.labels["engine"] in ("ort-training", "onnx") and info.labels["provider"] == "cpu"
+        assert info.labels["version"]
+        for name in ("edgetta_dropped_frames", "edgetta_checkpoint_failures", "edgetta_skipped_frames"):
+            assert fams[name].type == "counter"
+        assert "edgetta_resident_memory_bytes" in fams
+
+        alive.clear()  # the camera goes away
+        t0 = time.monotonic()
+        code = 200
+        while code == 200 and time.monotonic() - t0 < 20:
+            time.sleep(0.2)
+            code, body = status_of(f"http://127.0.0.1:{port}/health")
+        assert code == 503 and time.monotonic() - t0 < 20, body
+        assert any("no frame for" in r for r in body["reasons"])
+        assert status_of(f"http://127.0.0.1:{port}/ready")[0] == 503
+        s.wait_for(lambda: "the stream ended; reconnecting" in "".join(s.err), timeout=20)
+        assert s.stop() == 0
+    finally:
+        s.cleanup()
+        alive.clear()
+        cam.close()
+
+
+def test_hostile_streams_reconnect_with_escaped_warnings(tiny_bundle):
+    """A part claiming 1 TB, garbage without a boundary, a byte at a time, a Content-Type full
+    of control characters: each is a warning and a reconnect, never a hang or a traceback."""
+    jpg = jpeg_bytes()
+    conn = {"n": 0}
+
+    def hostile(h):
+        conn["n"] += 1
+        kind = conn["n"] % 4
+        h.send_response(200)
+        if kind == 1:
+            h.send_header("Content-Type", "multipart/x-mixed-replace; boundary=f")
+            h.end_headers()
+            h.wfile.write(b"--f\r\nContent-Length: 1000000000000\r\n\r\n" + b"x" * 1000)
+            time.sleep(5)
+        elif kind == 2:
+            h.send_header("Content-Type", "multipart/x-mixed-replace; boundary=f")
+            h.end_headers()
+            for _ in range(40):
+                h.wfile.write(os.urandom(1 << 16).replace(b"--f", b"xxx"))
+        elif kind == 3:
+            h.send_header("Content-Type", "multipart/x-mixed-replace; boundary=f")
+            h.end_headers()
+            for _ in range(8):  # a byte every 0.5 s: every read succeeds, no frame completes
+                h.wfile.write(b"-")
+                h.wfile.flush()
+                time.sleep(0.5)
+        else:
+            h.send_header("Content-Type", "multipart/x-mixed-replace\x1b[31m;\x07 x=\x1b]0;pwned\x07")
+            h.end_headers()
+        h.wfile.write(b"--f\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n--f\r\n")
+
+    srv = ScriptedServer(hostile)
+    try:
+        r = serve(tiny_bundle, "--source", srv.url, "--batch", 4, "--frame-timeout", 1.5,
+                  "--max-part-mib", 1, "--reconnect-delay", 0.05, "--reconnect-max-delay", 0.1,
+                  "--reconnect-attempts", 6, "--collapse-window", 0, timeout=90)
+    finally:
+        srv.close()
+    assert r.returncode == 1 and "gave up after 6 reconnect attempts" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "exceeds the 1,048,576-byte limit" in r.stderr
+    assert "data without a boundary exceeds" in r.stderr
+    assert "no complete frame in 1.5 s" in r.stderr
+    assert "without a boundary (multipart/x-mixed-replace\\x1b[31m" in r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+
+
+def test_decompression_bomb_and_oversized_files_are_skipped_cheaply(tiny_bundle, tmp_path):
+    from test_sources import png_header_only
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "a_bomb.png").write_bytes(png_header_only(30000, 30000))
+    (folder / "b_ok.jpg").write_bytes(jpeg_bytes())
+    (folder / "c_big.ppm").write_bytes(b"P6 3000 3000 255\n" + b"\x00" * (3000 * 3000 * 3))
+    t = time.perf_counter()
+    r = serve(tiny_bundle, "--source", folder, "--batch", 2, "--max-part-mib", 8,
+              "--collapse-window", 0)
+    assert r.returncode == 0, r.stderr
+    s = summary(r.stderr)
+    assert s["frames"] == 1 and s["skipped"] == {"too_large": 2}
+    assert "warning: skipped a frame (too_large): a_bomb.png" in r.stderr
+    assert time.perf_counter() - t < 60
+
+
+def test_bad_label_files_are_refused_with_one_line(tiny_bundle, tmp_path):
+    imgs = np.zeros((4, 8, 8, 3), np.uint8)
+    cases = {"short.npz": dict(images=imgs, labels=np.zeros(3, np.int64)),
+             "range.npz": dict(images=imgs, labels=np.array([0, 1, 2, 10])),
+             "zero_d.npz": dict(images=np.zeros((), np.uint8)),
+             "empty_labels.npz": dict(images=imgs, labels=np.zeros(0, np.int64))}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        r = serve(tiny_bundle, "--source", tmp_path / name, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, \
+            (name, r.stderr)
+    r = serve(tiny_bundle, "--source", tmp_path / "range.npz", timeout=60)
+    assert "label 10 of image 3 is out of range (the model has 10 classes)" in r.stderr
+
+
+def thread_count(pid):
+    return int(re.search(r"^Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))
+
+
+def test_slow_and_idle_clients_cannot_exhaust_threads_or_handles(tiny_bundle):
+    s = Serve(tiny_bundle, "--source", "demo", "--loop", "--fps", 50, "--batch", 16, "--http", 0,
+              "--preview", 0, "--http-connections", 8, "--http-timeout", 2, "--preview-clients", 2,
+              "--output", os.devnull)
+    socks = []
+    try:
+        port = s.port(r"http://127\.0\.0\.1:(\d+)/metrics")
+        preview = s.port(r"preview on http://127\.0\.0\.1:(\d+)/")
+        base = thread_count(s.proc.pid)
+        for _ in range(200):  # half-open requests: connect, send part of a request line, wait
+            c = socket.create_connection(("127.0.0.1", port))
+            c.sendall(b"GET /heal")
+            socks.append(c)
+        time.sleep(0.5)
+        assert thread_count(s.proc.pid) <= base + 8 + 2
+        fds = len(os.listdir(f"/proc/{s.proc.pid}/fd"))
+        assert fds < 100
+        # the idle ones are dropped after --http-timeout; then /health answers at once
+        time.sleep(3)
+        t = time.perf_counter()
+        assert status_of(f"http://127.0.0.1:{port}/health")[0] == 200
+        assert time.perf_counter() - t < 1.0
+        metrics = get(f"http://127.0.0.1:{port}/metrics")
+        assert metric(metrics, "http_refused_connections_total") >= 150
+        # preview viewers are capped: two watch, the rest get 503 at once
+        viewers = [urllib.request.urlopen(f"http://127.0.0.1:{preview}/", timeout=10) for _ in range(2)]
+        for v in viewers:
+            assert next(mjpeg_parts(v, b"edgettaframe"))[:2] == b"\xff\xd8"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{preview}/", timeout=10)
+        assert e.value.code == 503
+        for v in viewers:
+            v.close()
+        assert s.stop() == 0
+    finally:
+        for c in socks:
+            c.close()
+        s.cleanup()
+
+
+def test_full_disk_checkpoint_fails_is_counted_and_serving_goes_on(tiny_bundle, tmp_path):
+    """A real write failure from the kernel: the file-size limit (RLIMIT_FSIZE) of the serve
+    process is below the size of one state file, so every checkpoint's write fails with EFBIG."""
+    import resource
+    state = tmp_path / "state"
+    probe = tmp_path / "probe"
+    Adapter.load(tiny_bundle).save(probe / "state.npz")
+    limit = (probe / "state.npz").stat().st_size // 2
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = serve(tiny_bundle, "--source", "demo", "--limit", 64, "--batch", 8, "--checkpoint-every", 2,
+              "--state-dir", state, "--collapse-window", 0, preexec_fn=small_files, timeout=120)
+    assert r.returncode == 0, r.stderr
+    s = summary(r.stderr)
+    assert s["frames"] == 64 and s["adapted_batches"] == 8 and len(r.stdout.splitlines()) == 64
+    assert s["checkpoints"] == 0 and s["checkpoint_failures"] == 5  # every 2 batches, and at the end
+    assert "warning: checkpoint to" in r.stderr and "serving goes on" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in state.iterdir()) == ["lock"]  # no temp file, no partial state
+
+
+def test_nan_state_is_refused_at_resume_and_serving_starts_from_the_bundle(tiny_bundle, tmp_path):
+    state = tmp_path / "state"
+    a = Adapter.load(tiny_bundle)
+    a.save(state / "state.npz")
+    with np.load(state / "state.npz") as d:
+        arrays = {k: d[k] for k in d.files}
+    name = next(k for k in arrays if k.startswith("t/"))
+    arrays[name] = np.full_like(arrays[name], np.nan)
+    np.savez(state / "state.npz", **arrays)
+    r = serve(tiny_bundle, "--source", "demo", "--limit", 32, "--batch", 8, "--state-dir", state,
+              "--collapse-window", 0)
+    assert r.returncode == 0, r.stderr
+    assert "non-finite" in r.stderr and "starting from the bundle's warmed-up state" in r.stderr
+    recs = [json.loads(l) for l in r.stdout.splitlines()]  # strict JSON: no bare NaN
+    assert len(recs) == 32 and all(0 <= x["confidence"] <= 1 for x in recs)
+    s = summary(r.stderr)
+    assert s["resumed_steps"] is None and s["adaptation_steps"] == 4
+    b = Adapter.load(tiny_bundle)
+    b.resume(state / "state.npz")  # the final checkpoint replaced the bad file with good state
+    assert b.steps == 4
+
+
+def test_service_runs_in_process(tiny_bundle, tmp_path):
+    from edgetta.serve import ServeConfig, Service
+    out = tmp_path / "out.jsonl"
+    cfg = ServeConfig(bundle=str(tiny_bundle), source="demo", limit=40, batch=8, output=str(out))
+    summ = Service(cfg).run(install_signals=False)
+    assert summ.frames == 40 and summ.adapted_batches == 5 and summ.labelled == 40
+    assert summ.latency_ms_p50 is not None and summ.max_output_gap_ms is not None
+    assert len(out.read_text().splitlines()) == 40
+    from edgetta.serve.config import Refused
+    with pytest.raises(Refused, match="--batch"):
+        ServeConfig(bundle=str(tiny_bundle), source="demo", batch=0).check()

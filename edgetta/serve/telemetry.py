@@ -215,8 +215,9 @@ class Telemetry:
             out.append(f"# TYPE edgetta_{name} {kind}")
             out.extend(f"edgetta_{name}{suffix} {float(value)!r}" for suffix, value in samples)
 
-        def counter(name: str, help_: str, value: float, labels: str = "") -> None:
-            family(name, "counter", help_, [(f"_total{labels}", value)])
+        def counter(name: str, help_: str, value: float) -> None:
+            # the text format names a counter by its sample, _total included
+            family(f"{name}_total", "counter", help_, [("", value)])
 
         family("build_info", "gauge", "Version, adaptation engine and execution provider.",
                [(f'{{version="{__version__}",engine="{self.engine}",provider="{self.provider}"}}', 1)])
@@ -227,8 +228,8 @@ class Telemetry:
         counter("dropped_frames", "Live frames replaced by a newer one before prediction.",
                 self.reader.dropped)
         kinds = sorted(set(SKIP_KINDS) | set(self.skipped))
-        family("skipped_frames", "counter", "Frames skipped, by kind.",
-               [(f'_total{{kind="{k}"}}', self.skipped[k]) for k in kinds])
+        family("skipped_frames_total", "counter", "Frames skipped, by kind.",
+               [(f'{{kind="{k}"}}', self.skipped[k]) for k in kinds])
         counter("resets", "Resets to the warmed-up state by the collapse guard.", st.resets)
         counter("nonfinite_resets", "Resets because the adapted state became non-finite.",
                 st.nonfinite_resets)
