@@ -175,7 +175,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
         report = analyse(bundle, target, batch, engine=engine)
         measured = None if a.no_measure else measure_step(bundle.path, batch, provider=a.provider,
                                                           engine=engine)
-        judged = verdict(report, target, measured)
+        judged = verdict(report, target, measured, bundle)
         report["measured"] = measured
         report["fits"] = judged.fits
         report["verdict"] = {"fits": judged.fits, "peak_rss_mib": judged.peak_mib,

@@ -85,11 +85,17 @@ def _is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-def training_wheel_exists() -> bool:
-    """Whether onnxruntime-training 1.19.2 publishes a wheel for this machine and Python."""
-    if sys.version_info >= (3, 13):
+def training_wheel_exists(system: str | None = None, machine: str | None = None,
+                          python: tuple[int, int] | None = None) -> bool:
+    """Whether onnxruntime-training 1.19.2 publishes a wheel for a platform (default: this one):
+    x86-64 Linux and Windows, macOS (universal2), CPython 3.8-3.12. pyproject.toml's environment
+    markers say the same (tests/test_platforms.py checks both agree)."""
+    system = sys.platform if system is None else system
+    machine = platform.machine() if machine is None else machine
+    python = sys.version_info[:2] if python is None else python
+    if python >= (3, 13):
         return False
-    return sys.platform == "darwin" or (_is_x86() and sys.platform in ("linux", "win32"))
+    return system == "darwin" or (system, machine) in (("linux", "x86_64"), ("win32", "AMD64"))
 
 
 def training_fix() -> str:

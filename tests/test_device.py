@@ -1,5 +1,6 @@
 """The device side: bundle verification, the adapter loop, and no torch anywhere near it."""
 import ast
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -330,3 +331,21 @@ def test_non_finite_state_is_never_saved_nor_resumed(tiny_bundle, corrupted_fram
     c = Adapter.load(tiny_bundle)
     c.resume(good)
     assert c.steps == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed here")
+def test_torch_installed_beside_is_never_imported(tiny_bundle):
+    """With torch installed (the host install), importing onnxruntime-training would import
+    torch (its build check and onnxruntime.training's __init__): about twice the peak RSS.
+    The device side loads and adapts without it."""
+    code = f"""
+import json, sys
+import numpy as np
+from edgetta import Adapter
+a = Adapter.load({str(tiny_bundle)!r})
+a.step(np.zeros((8, 32, 32, 3), np.uint8))
+print(json.dumps(dict(engine=a.engine, torch='torch' in sys.modules)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"engine": "ort-training", "torch": False}
