@@ -50,6 +50,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, continual_stream, run_cli
+from edgetta.system import peak_rss_bytes, reset_peak_rss, rss_bytes, write_text_atomic
 
 log = logging.getLogger("benchmarks.longterm")
 
@@ -238,8 +239,6 @@ def _predict_all(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, bat
 
 
 def run_worker(a: argparse.Namespace) -> int:
-    from edgetta.system import peak_rss_bytes, reset_peak_rss, rss_bytes, write_text_atomic
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     with np.load(a.stream, allow_pickle=False) as d:
         images, labels = d["images"], d["labels"].astype(np.int64)
@@ -317,12 +316,15 @@ def _locked(path: Path):
 
 def merge(json_path: Path, config: dict[str, Any] | None, results: dict[str, Any]) -> dict[str, Any]:
     """Replace only the given methods (and the config, when given) in the report."""
-    from edgetta.system import write_text_atomic
+    return update_json(json_path, {"config": config} if config is not None else {}, results)
+
+
+def update_json(json_path: Path, sections: dict[str, Any], methods: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Replace top-level ``sections`` and the given ``methods`` of the report, under the lock."""
     with _locked(json_path):
         data = json.loads(json_path.read_text()) if json_path.exists() else {}
-        if config is not None:
-            data["config"] = config
-        data.setdefault("methods", {}).update(results)
+        data.update(sections)
+        data.setdefault("methods", {}).update(methods or {})
         write_text_atomic(json_path, json.dumps(data, indent=1))
     return data
 
@@ -432,6 +434,59 @@ def run_driver(a: argparse.Namespace) -> int:
         for p in write_report(json_path, out_dir, None if a.smoke else DOCS):
             log.info("wrote %s", p)
     return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- diagnosis
+
+
+def diagnose(stream: Path, clean: Path, lam: float, batch: int) -> dict[str, Any]:
+    """Where the test-time loss pulls the warmed-up meta networks (EcoTTA in PyTorch, the
+    default checkpoint): for a clean batch and the first batch of every corruption, the
+    gradients of the masked entropy and of lam * regularizer with respect to the meta
+    parameters, their norms and cosine; how alike the regularizer's gradients are across
+    batches; and the gradient that reaches the meta networks' conv branches."""
+    import torch
+    from edgetta_export import checkpoint
+    from edgetta_export.bundle import DEFAULT_CHECKPOINT, build_model
+    from edgetta_export.ecotta import ecotta_loss
+    from edgetta_export.train import to_tensor
+
+    torch.set_num_threads(1)
+    ckpt = checkpoint.load(DEFAULT_CHECKPOINT)
+    model = build_model(ckpt).train()
+    names = [n for n, _ in model.metas.named_parameters()]
+    params = list(model.metas.parameters())
+    norm = ckpt["normalization"]
+
+    def flat(t: Any) -> Any:
+        g = torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
+
+    with np.load(stream) as d, np.load(clean) as c:
+        per = len(d["images"]) // len(d["domain_names"])
+        batches = [("clean", c["images"][:batch])] + [
+            (str(n), d["images"][k * per:k * per + batch]) for k, n in enumerate(d["domain_names"])]
+    branch_params = np.concatenate([np.full(p.numel(), ".bn_meta." not in n) for n, p in zip(names, params)])
+    rows, reg_grads = [], []
+    branch = 0.0
+    for name, images in batches:
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        _, _, ent, reg = ecotta_loss(model, to_tensor(images, norm["mean"], norm["std"]), lam, None)
+        ge, gr = flat(ent), flat(lam * reg)
+        branch += float((ge + gr)[torch.from_numpy(branch_params)].abs().sum())
+        model.load_state_dict(saved)  # train-mode forwards move running statistics
+        reg_grads.append(gr / gr.norm())
+        rows.append({"batch": name, "entropy": float(ent), "regularizer": float(reg),
+                     "grad_entropy": float(ge.norm()), "grad_regularizer": float(gr.norm()),
+                     "cosine": float(ge @ gr / (ge.norm() * gr.norm()))})
+    g = torch.stack(reg_grads)
+    cos = (g @ g.T).numpy()
+    off = cos[~np.eye(len(cos), dtype=bool)]
+    return {"lambda": lam, "batch": batch, "rows": rows,
+            "regularizer_gradient_cosine_between_batches": {"mean": float(off.mean()), "min": float(off.min())},
+            "gradient_reaching_conv_branches": branch,
+            "conv_branch_bn_weight_abs_max": max(float(m.bn.weight.abs().max()) for m in model.metas),
+            "conv_branch_bn_bias_max": max(float(m.bn.bias.max()) for m in model.metas)}
 
 
 # ---------------------------------------------------------------- report
@@ -634,6 +689,7 @@ def markdown(data: dict[str, Any], fig_dir: str) -> str:
                      + ("" if fb is None else f", {_pct(fb, True)} on batch statistics ({ok(fb <= 0.02)})")
                      + f"; peak RSS spread over rounds {s['peak_spread']:.1%} (target within 2%: "
                        f"{ok(s['peak_spread'] <= 0.02)}).")
+    lines += diagnosis_lines(data.get("diagnosis"))
     commands = sorted({methods[m].get("command", cfg["command"]) for m in order})
     lines += ["", "Runs (each row is reproduced by the command that wrote it):", ""]
     lines += [f"- `{c}`: " + ", ".join(label(m) for m in order if methods[m].get("command", cfg["command"]) == c)
@@ -648,9 +704,29 @@ def markdown(data: dict[str, Any], fig_dir: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def diagnosis_lines(d: dict[str, Any] | None) -> list[str]:
+    if not d:
+        return []
+    rows = d["rows"]
+    out = ["", "## Where the loss pulls the warmed-up meta networks", "",
+           f"`{d['command']}`: EcoTTA in PyTorch at the warmed-up state (numerically the same updates as "
+           f"edgetta), lambda = {d['lambda']:g}, one batch of {d['batch']} clean images and the first batch "
+           "of every corruption. Gradient norms with respect to all meta parameters.", "",
+           "| batch | entropy | regularizer | grad. entropy term | grad. lambda x regularizer | cosine |",
+           "|---|---:|---:|---:|---:|---:|"]
+    out += [f"| {r['batch']} | {r['entropy']:.3f} | {r['regularizer']:.3f} | {r['grad_entropy']:.3f} | "
+            f"{r['grad_regularizer']:.3f} | {r['cosine']:+.2f} |" for r in rows]
+    c = d["regularizer_gradient_cosine_between_batches"]
+    out += ["", f"- Cosine between the regularizer's gradients of two different batches: {c['mean']:.2f} on "
+                f"average over all pairs, lowest {c['min']:.2f}.",
+            f"- Gradient reaching the meta networks' conv branches: {d['gradient_reaching_conv_branches']:g} "
+            f"(their BatchNorm weights are at most {d['conv_branch_bn_weight_abs_max']:g} in absolute value and "
+            f"their biases at most {d['conv_branch_bn_bias_max']:g}: ReLU(0) passes no gradient)."]
+    return out
+
+
 def write_report(json_path: Path, out_dir: Path, doc: Path | None) -> list[Path]:
     """Plots beside the JSON; the markdown at ``doc`` (docs/longterm.md), or beside the JSON."""
-    from edgetta.system import write_text_atomic
     data = json.loads(json_path.read_text())
     written = plots(data, out_dir)
     doc = doc or out_dir / "longterm.md"
@@ -687,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--report", action="store_true", help="only regenerate the report from the JSON")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--diagnose", action="store_true",
+                   help="only measure where the loss pulls the warmed-up meta networks (PyTorch; seconds)")
     p.add_argument("--collect", action="store_true",
                    help="only merge the partial results of --methods (a stopped run's) into the JSON")
     p.add_argument("--smoke", action="store_true", help="tiny run: 2 frames per type, batch 8, 2 rounds")
@@ -708,6 +786,14 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(a.out_dir)
         for path in write_report(out_dir / "longterm.json", out_dir, DOCS if out_dir == RESULTS else None):
             print(f"wrote {path}")
+        return 0
+    if a.diagnose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        stream = continual_stream(a.frames_per_type, a.severity, a.seed)
+        diag = diagnose(stream, clean_subset(a.clean_frames, a.seed), a.lam, a.batch)
+        diag["command"] = "python -m benchmarks.longterm " + shlex.join(a.argv)
+        update_json(Path(a.out_dir) / "longterm.json", {"diagnosis": diag})
+        print(json.dumps(diag, indent=1))
         return 0
     if a.collect:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
