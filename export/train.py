@@ -54,13 +54,26 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
     return correct / len(images)
 
 
-def train(model_name: str, scheme: str, sparsity: float, epochs: int, batch: int, lr: float,
-          weight_decay: float, seed: int, dataset: str, data_root: str | None,
-          limit: int | None = None) -> dict:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+def load_data(dataset: str, data_root: str | None, image_folder: str | None, size: int, seed: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(train images, labels, test images, labels, class names): a named data set, or an image
+    folder (one subfolder per class) with 20% of each class held back as the test split."""
+    if image_folder:
+        images, labels, classes = datasets.image_folder(image_folder, size)
+        tr, te = datasets.holdout(labels, 0.2, seed)
+        return images[tr], labels[tr], images[te], labels[te], classes
     x_train, y_train, classes = datasets.load(dataset, "train", data_root)
     x_test, y_test, _ = datasets.load(dataset, "test", data_root)
+    return x_train, y_train, x_test, y_test, classes
+
+
+def train(model_name: str, scheme: str, sparsity: float, epochs: int, batch: int, lr: float,
+          weight_decay: float, seed: int, dataset: str, data_root: str | None,
+          limit: int | None = None, image_folder: str | None = None) -> dict:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    size = CONFIGS[model_name].input_size
+    x_train, y_train, x_test, y_test, classes = load_data(dataset, data_root, image_folder, size, seed)
     if limit:
         x_train, y_train = x_train[:limit], y_train[:limit]
     mean, std = normalization(x_train)
@@ -103,7 +116,8 @@ def train(model_name: str, scheme: str, sparsity: float, epochs: int, batch: int
         print(json.dumps(history[-1]), file=sys.stderr)
     report = sparsity_report(model)
     return {
-        "model": model_name, "dataset": dataset, "class_names": list(classes),
+        "model": model_name, "dataset": f"image folder {image_folder}" if image_folder else dataset,
+        "class_names": list(classes), "input_size": size,
         "normalization": {"mean": mean, "std": std},
         "state_dict": model.state_dict(), "masks": checkpoint.pack_masks(masks),
         "pruning": {"scheme": scheme if sparsity > 0 else "dense", "sparsity": sparsity,
@@ -128,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--dataset", default="fashion-mnist", choices=datasets.DATASETS, help="(default: %(default)s)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset's files (default: the system's)")
+    p.add_argument("--data", default=None,
+                   help="an image folder (one subfolder per class, JPEG/PNG) instead of --dataset; "
+                        "20%% of each class is held back for the test accuracy")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", required=True, help="checkpoint to write")
@@ -135,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     result = train(a.model, a.scheme, a.sparsity, a.epochs, a.batch, a.lr, a.weight_decay,
-                   a.seed, a.dataset, a.data_root, a.limit)
+                   a.seed, a.dataset, a.data_root, a.limit, a.data)
     result["command"] = "python -m edgetta_export.train " + " ".join(argv if argv is not None else sys.argv[1:])
     checkpoint.save(a.out, result)
     print(format_report(result["sparsity_report"]))

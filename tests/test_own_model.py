@@ -113,10 +113,11 @@ def test_too_few_places_to_split_is_refused():
         partition(_randomize_batchnorms(Plain()), 16, k=8)
 
 
-def _image_folder(root, classes=("circle", "square", "stripes"), per_class=12, size=40):
-    """A folder of PNG and JPEG images, one subfolder per class, drawn so classes differ."""
+def write_image_folder(root, classes=("circle", "square", "stripes"), per_class=12, size=40, seed=0):
+    """A folder of PNG and JPEG images, one subfolder per class, drawn so classes differ
+    (docs/own_model.md uses it too)."""
     from PIL import Image, ImageDraw
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for c, name in enumerate(classes):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
@@ -137,7 +138,7 @@ def _image_folder(root, classes=("circle", "square", "stripes"), per_class=12, s
 
 def test_cli_export_from_an_image_folder(tmp_path, capsys):
     from edgetta.cli import main
-    data = _image_folder(tmp_path / "images")
+    data = write_image_folder(tmp_path / "images")
     weights = tmp_path / "mine.pt"
     torch.manual_seed(0)
     torch.save(create_model("mobilenet_v3s", num_classes=3).state_dict(), weights)
@@ -159,7 +160,7 @@ def test_cli_export_from_an_image_folder(tmp_path, capsys):
 
 def test_cli_refuses_what_it_cannot_export_with_one_line(tmp_path, capsys):
     from edgetta.cli import main
-    data = _image_folder(tmp_path / "images", per_class=2)
+    data = write_image_folder(tmp_path / "images", per_class=2)
     weights = tmp_path / "other.pt"
     torch.save(create_model("wrn16_1", num_classes=3).state_dict(), weights)
     cases = [["--arch", "tests.test_own_model:Branchy"],
