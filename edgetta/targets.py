@@ -31,7 +31,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            notes="Raspberry Pi 4/5 class, 64-bit ARM, 4 GB (1, 2 and 8 GB boards scale the budget)"),
     Target("rpi4-1gb", "aarch64", 1024, 256, notes="Raspberry Pi 4, 1 GB"),
     Target("jetson-orin-nano", "aarch64", 8192, 2048, provider="cuda",
-           notes="Jetson-class board: CPU and GPU share the 8 GB; needs a CUDA build of onnxruntime with training APIs"),
+           notes="Jetson-class board: CPU and GPU share the 8 GB; portable engine on NVIDIA's "
+                 "onnxruntime-gpu (docs/devices.md)"),
     Target("arm-sbc-512mb", "armv8", 512, 96,
            notes="small ARM single-board computer with 512 MB: a strict budget"),
 ]}
@@ -39,5 +40,5 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
 
 def get_target(name: str) -> Target:
     if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; choose one of {sorted(TARGETS)}")
+        raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
     return TARGETS[name]

@@ -19,11 +19,11 @@ ARM_SCRIPT = """
 import json, platform, sys
 import numpy as np, onnxruntime
 from edgetta import Adapter
-a = Adapter.load(sys.argv[1], engine="onnx")
+a = Adapter.load(sys.argv[1])  # auto: no onnxruntime-training on aarch64, the portable step
 frames = np.load(sys.argv[2])
 logits = [a.step(frames[i * 8:(i + 1) * 8]).tolist() for i in range(2)]
 state = {k: v.tolist() for k, v in a.meta_state().items()}
-print(json.dumps(dict(machine=platform.machine(), ort=onnxruntime.__version__,
+print(json.dumps(dict(machine=platform.machine(), ort=onnxruntime.__version__, engine=a.engine,
                       loss=a.last_loss, logits=logits, state=state)))
 """
 
@@ -40,7 +40,7 @@ def test_portable_step_runs_on_aarch64_like_on_x86(tiny_bundle, corrupted_frames
                        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     arm = json.loads(r.stdout.strip().splitlines()[-1])
-    assert arm["machine"] == "aarch64"
+    assert arm["machine"] == "aarch64" and arm["engine"] == "onnx"
     x86 = Adapter.load(tiny_bundle, engine="ort-training")
     logits = [x86.step(frames[i * 8:(i + 1) * 8]) for i in range(2)]
     assert arm["loss"] == pytest.approx(x86.last_loss, rel=1e-4)

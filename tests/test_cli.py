@@ -22,11 +22,13 @@ def test_export_then_adapt_prints_both_accuracies(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accuracy without adaptation:" in r.stdout
     assert "accuracy with EcoTTA adaptation" in r.stdout
+    assert r.stdout.startswith("engine ort-training, provider cpu")   # chosen by itself, said first
 
     r = subprocess.run([sys.executable, "-m", "edgetta", "adapt", str(bundle), "--limit", "320",
                         "--quiet", "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     report = json.loads(r.stdout)
     assert report["frames"] == 320 and report["adaptation_steps"] == 5
+    assert (report["engine"], report["provider"]) == ("ort-training", "cpu") and report["machine"]
     assert 0.0 <= report["accuracy_no_adaptation"] <= 1.0
     assert 0.0 <= report["accuracy_adapted"] <= 1.0
     assert set(report["per_domain"]) == {"gaussian_noise", "shot_noise"}
