@@ -378,7 +378,7 @@ def run_driver(a: argparse.Namespace) -> int:
     paths = bundles(set(setting.values()))
     partial_dir = _partial_dir(a.smoke)
     partial_dir.mkdir(parents=True, exist_ok=True)
-    command = "python -m benchmarks.longterm " + shlex.join(a.argv)
+    command = ("python -m benchmarks.longterm " + shlex.join(a.argv)).strip()
     config = {"command": command, "frames_per_type": a.frames_per_type, "severity": a.severity,
               "frames_per_round": int(np.load(stream)["labels"].shape[0]), "rounds": a.rounds,
               "batch": a.batch, "threads": a.threads, "seed": a.seed, "clean_frames": a.clean_frames,
@@ -791,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         stream = continual_stream(a.frames_per_type, a.severity, a.seed)
         diag = diagnose(stream, clean_subset(a.clean_frames, a.seed), a.lam, a.batch)
-        diag["command"] = "python -m benchmarks.longterm " + shlex.join(a.argv)
+        diag["command"] = ("python -m benchmarks.longterm " + shlex.join(a.argv)).strip()
         update_json(Path(a.out_dir) / "longterm.json", {"diagnosis": diag})
         print(json.dumps(diag, indent=1))
         return 0
