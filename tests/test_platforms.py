@@ -18,9 +18,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARM = Path(os.environ.get("EDGETTA_ARM64_ROOT", "/opt/edgetta-arm64"))
 QEMU = shutil.which("qemu-aarch64-static")
-PY313 = next((p for p in [shutil.which("python3.13"),
-                          *sorted(Path("~/.pyenv/versions").expanduser().glob("3.13*/bin/python3.13"))]
-              if p and Path(p).exists()), None)
+
+
+def _python313() -> str | None:
+    """A working Python 3.13 (a pyenv shim exists even where that version is not selected)."""
+    candidates = [*map(str, sorted(Path("~/.pyenv/versions").expanduser().glob("3.13*/bin/python3.13"))),
+                  shutil.which("python3.13")]
+    for p in filter(None, candidates):
+        r = subprocess.run([p, "-c", "import sys, venv; print(sys.version_info[:2] == (3, 13))"],
+                           capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip() == "True":
+            return p
+    return None
+
+
+PY313 = _python313()
 
 # (sys_platform, platform_machine, python) of the machines edgetta is meant for
 PLATFORMS = [("linux", "x86_64", (3, 11)), ("linux", "x86_64", (3, 12)), ("linux", "x86_64", (3, 13)),
@@ -107,10 +119,12 @@ PIP_WHEEL = next(iter(sorted((ARM / "pip").glob("pip-*.whl"))), None) if (ARM / 
 @pytest.mark.slow
 @pytest.mark.skipif(QEMU is None or not ARM_PYTHON.exists() or PIP_WHEEL is None,
                     reason="no arm64 emulation here: run scripts/arm64_emulation.sh (root)")
-def test_wheel_installs_and_runs_on_emulated_aarch64(default_bundle, tmp_path):
+def test_wheel_installs_and_runs_on_emulated_aarch64(tiny_bundle, tmp_path):
     """pip itself runs on the emulated aarch64 Python and resolves the aarch64 onnxruntime wheel.
     One constraint: onnxruntime 1.19.2, because 1.3x aarch64 wheels crash on import under
-    qemu-user (an emulation limit; plain 'pip install edgetta' on a board takes the newest)."""
+    qemu-user (an emulation limit; plain 'pip install edgetta' on a board takes the newest).
+    The small test bundle keeps the emulated run to minutes (docs/devices.md has the default
+    bundle's figures, from the same commands)."""
     qemu = [QEMU, "-L", ARM / "sysroot"]
     wheel = _build_wheel(tmp_path / "dist")
     venv = tmp_path / "venv-arm64"
@@ -125,17 +139,17 @@ def test_wheel_installs_and_runs_on_emulated_aarch64(default_bundle, tmp_path):
               "sorted(d.metadata['Name'] for d in m.distributions() if 'onnxruntime' in d.metadata['Name']))"],
              300, tmp_path)
     assert r.stdout.split() == ["aarch64", "['onnxruntime']"], r.stdout + r.stderr
-    r = _run([*qemu, py, "-m", "edgetta", "adapt", default_bundle, "--limit", 256, "--quiet"], 3600, tmp_path)
+    r = _run([*qemu, py, "-m", "edgetta", "adapt", tiny_bundle, "--limit", 256, "--quiet"], 3600, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "engine onnx, provider cpu" in r.stdout and "aarch64" in r.stdout
     before, after = _figures(r.stdout)
     print(f"aarch64 (emulated): {before}% -> {after}%")
     # qemu-user cannot start a child process of another architecture (no binfmt_misc here), and
     # RSS under emulation holds the emulator's own memory: the static verdict only
-    r = _run([*qemu, py, "-m", "edgetta", "profile", default_bundle, "--target", "rpi4-1gb", "--no-measure"],
+    r = _run([*qemu, py, "-m", "edgetta", "profile", tiny_bundle, "--target", "rpi4-1gb", "--no-measure"],
              900, tmp_path)
     assert r.returncode in (0, 1), r.stderr[-3000:]
     assert "not measured on aarch64" in r.stdout
     print(r.stdout.splitlines()[-1])
-    r = _run([*qemu, py, "-m", "edgetta", "profile", default_bundle, "--target", "rpi4-1gb"], 900, tmp_path)
+    r = _run([*qemu, py, "-m", "edgetta", "profile", tiny_bundle, "--target", "rpi4-1gb"], 900, tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
