@@ -87,6 +87,17 @@ def _is_float_cast(node: onnx.NodeProto | None, to: int) -> bool:
     return node is not None and node.op_type == "Cast" and node_attrs(node).get("to") == to
 
 
+def drop_unread(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose outputs nothing reads (repeatedly); onnxruntime-training's
+    in-place accumulators stay."""
+    while True:
+        used = {x for n in nodes for x in n.input} | outputs
+        live = [n for n in nodes if any(o in used for o in n.output if o) or n.op_type.startswith("InPlace")]
+        if len(live) == len(nodes):
+            return nodes
+        nodes = live
+
+
 def merge_stop_gradient_twins(training: onnx.ModelProto) -> int:
     """Point every forward node that recomputes an earlier node's value (the same op on the same
     inputs, a stop-gradient copy counting as its source) at that earlier node's outputs, and
@@ -148,13 +159,7 @@ def merge_stop_gradient_twins(training: onnx.ModelProto) -> int:
             if x in canon:
                 node.input[j] = canon[x]
         kept.append(node)
-    # drop what nothing reads any more (the stop-gradient chains of merged twins)
-    while True:
-        used = {x for n in kept for x in n.input} | outputs
-        live = [n for n in kept if any(o in used for o in n.output if o) or n.op_type.startswith("InPlace")]
-        if len(live) == len(kept):
-            break
-        kept = live
+    kept = drop_unread(kept, outputs)  # the stop-gradient chains of merged twins
     removed = len(nodes) - len(kept)
     del g.node[:]
     g.node.extend(kept)
@@ -465,13 +470,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         ordered.append(node)
         ordered.extend(after.get(i, []))
     if clipped:  # the generated >=, <=, And, Cast chains nothing reads any more
-        outputs = {o.name for o in training.graph.output}
-        while True:
-            used = {x for n in ordered for x in n.input} | outputs
-            live = [n for n in ordered if any(o in used for o in n.output if o) or n.op_type.startswith("InPlace")]
-            if len(live) == len(ordered):
-                break
-            ordered = live
+        ordered = drop_unread(ordered, {o.name for o in training.graph.output})
     del training.graph.node[:]
     training.graph.node.extend(ordered)
     return {"stop_gradient_twin_nodes_dropped": twins, "conv_grad_to_conv_transpose": convs,
