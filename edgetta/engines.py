@@ -156,7 +156,24 @@ def choose_engine(engine: str, bundle: Bundle) -> str:
     return engine
 
 
-class OrtTrainingEngine:
+class _Parameters:
+    """The trainable parameters and momentum buffers an engine keeps between steps."""
+    _trainable: list[str]
+    _params: dict[str, np.ndarray]
+    _velocity: dict[str, np.ndarray]
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {n: v.copy() for n, v in self._params.items()}
+
+    def velocity(self) -> dict[str, np.ndarray]:
+        return {n: v.copy() for n, v in self._velocity.items()}
+
+    def set_params(self, params: Mapping[str, np.ndarray], velocity: Mapping[str, np.ndarray]) -> None:
+        self._params = {n: np.array(params[n], np.float32) for n in self._trainable}
+        self._velocity = {n: np.array(velocity[n], np.float32) for n in self._trainable}
+
+
+class OrtTrainingEngine(_Parameters):
     """onnxruntime-training's Module computes loss and gradients; the update is applied here."""
     name = "ort-training"
 
@@ -213,20 +230,13 @@ class OrtTrainingEngine:
             params[name].data = self._params[name]
         return result
 
-    def params(self) -> dict[str, np.ndarray]:
-        return {n: v.copy() for n, v in self._params.items()}
-
-    def velocity(self) -> dict[str, np.ndarray]:
-        return {n: v.copy() for n, v in self._velocity.items()}
-
     def set_params(self, params: Mapping[str, np.ndarray], velocity: Mapping[str, np.ndarray]) -> None:
-        self._params = {n: np.array(params[n], np.float32) for n in self._trainable}
-        self._velocity = {n: np.array(velocity[n], np.float32) for n in self._trainable}
+        super().set_params(params, velocity)
         for name in self._trainable:
             self._state.parameters[name].data = self._params[name]
 
 
-class PortableEngine:
+class PortableEngine(_Parameters):
     """The bundle's portable step graph: forward, backward and update in one onnxruntime run."""
     name = "onnx"
 
@@ -254,15 +264,6 @@ class PortableEngine:
             self._velocity[name] = outs[names.updated(names.velocity(name))]
         return result
 
-    def params(self) -> dict[str, np.ndarray]:
-        return {n: v.copy() for n, v in self._params.items()}
-
-    def velocity(self) -> dict[str, np.ndarray]:
-        return {n: v.copy() for n, v in self._velocity.items()}
-
-    def set_params(self, params: Mapping[str, np.ndarray], velocity: Mapping[str, np.ndarray]) -> None:
-        self._params = {n: np.array(params[n], np.float32) for n in self._trainable}
-        self._velocity = {n: np.array(velocity[n], np.float32) for n in self._trainable}
 
 
 def _providers(provider: str) -> list[str]:
