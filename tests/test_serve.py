@@ -92,32 +92,14 @@ def metric(text, name):
     return float(m.group(1))
 
 
-class MJPEGServer:
-    """A real MJPEG stream on 127.0.0.1: multipart/x-mixed-replace JPEG parts encoded by
-    OpenCV, with one corrupt part per connection, closing each connection after ``per_conn``
-    parts (a dropped stream, for the reconnect)."""
+class ScriptedServer:
+    """An HTTP server on 127.0.0.1 whose GET handler is ``script(handler)``."""
 
-    def __init__(self, frames, per_conn=24):
-        import cv2
-        jpegs = [cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR))[1].tobytes() for f in frames]
-        self.connections = 0
-        server = self
-
+    def __init__(self, script):
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
-                server.connections += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
                 try:
-                    for i in range(per_conn):
-                        body = os.urandom(300) if i == 5 else jpegs[i % len(jpegs)]
-                        # some parts say their length, some leave it to the boundary
-                        head = b"--frame\r\nContent-Type: image/jpeg\r\n"
-                        if i % 2:
-                            head += b"Content-Length: %d\r\n" % len(body)
-                        self.wfile.write(head + b"\r\n" + body + b"\r\n")
-                        time.sleep(0.01)
+                    script(self)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
@@ -126,12 +108,39 @@ class MJPEGServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/stream"
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/cam"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class MJPEGServer(ScriptedServer):
+    """A real MJPEG stream on 127.0.0.1: multipart/x-mixed-replace JPEG parts encoded by
+    OpenCV, with one corrupt part per connection, closing each connection after ``per_conn``
+    parts (a dropped stream, for the reconnect)."""
+
+    def __init__(self, frames, per_conn=24):
+        import cv2
+        jpegs = [cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR))[1].tobytes() for f in frames]
+        self.connections = 0
+
+        def stream(h):
+            self.connections += 1
+            h.send_response(200)
+            h.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            h.end_headers()
+            for i in range(per_conn):
+                body = os.urandom(300) if i == 5 else jpegs[i % len(jpegs)]
+                # some parts say their length, some leave it to the boundary
+                head = b"--frame\r\nContent-Type: image/jpeg\r\n"
+                if i % 2:
+                    head += b"Content-Length: %d\r\n" % len(body)
+                h.wfile.write(head + b"\r\n" + body + b"\r\n")
+                time.sleep(0.01)
+
+        super().__init__(stream)
 
 
 def test_refused_before_start_with_one_line(tiny_bundle, tmp_path):
@@ -418,30 +427,6 @@ def test_frame_parsers():
 
 
 # -- service behaviour: health, limits, hostile clients, full disk, bad state ----------------
-
-class ScriptedServer:
-    """An HTTP server on 127.0.0.1 whose GET handler is ``script(handler)``."""
-
-    def __init__(self, script):
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                try:
-                    script(self)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/cam"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
 
 def jpeg_bytes(seed=0):
     import io

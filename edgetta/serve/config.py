@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -49,6 +50,13 @@ class ServeConfig:
     lr: float | None = None
     provider: str = "cpu"
     engine: str = "auto"
+    threads: int | None = None
+
+    @property
+    def adapt_threads(self) -> int:
+        """onnxruntime threads of the adaptation step: all cores but one by default, which
+        stays with capture and prediction."""
+        return self.threads if self.threads else max(1, (os.cpu_count() or 2) - 1)
 
     def check(self) -> "ServeConfig":
         def need(ok: bool, msg: str) -> None:
@@ -69,6 +77,7 @@ class ServeConfig:
         need(self.http_connections >= 1, "--http-connections must be at least 1")
         need(self.preview_clients >= 1, "--preview-clients must be at least 1")
         need(self.limit is None or self.limit >= 0, "--limit must be 0 or more")
+        need(self.threads is None or self.threads >= 1, "--threads must be at least 1")
         return self
 
     @property
@@ -147,6 +156,10 @@ def add_parser(subparsers: Any, description: str, run: Any) -> argparse.Argument
                    help="on labelled streams, do not measure accuracy without adaptation")
     s.add_argument("--lr", type=float, default=None, help="override the bundle's learning rate")
     s.add_argument("--provider", default=d.provider, choices=["cpu", "cuda", "auto"])
-    s.add_argument("--engine", default=d.engine, choices=["auto", "ort-training", "onnx"])
+    s.add_argument("--engine", default=d.engine, choices=["auto", "ort-training", "onnx"],
+                   help="auto: the portable step when the bundle has one (it lets capture and "
+                        "prediction run during a step; see docs/serve.md), else onnxruntime-training")
+    s.add_argument("--threads", type=int, default=None,
+                   help="threads of the adaptation step (default: all cores but one)")
     s.set_defaults(func=run)
     return s

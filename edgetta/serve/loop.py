@@ -131,8 +131,14 @@ class Service:
         from ..streaming import CollapseGuard, SessionPredictor, SourceModel, StreamingAdapter
         cfg = self.cfg
         bundle = Bundle.open(cfg.bundle)
+        engine = cfg.engine
+        if engine == "auto" and not cfg.no_adapt and bundle.manifest.graphs.portable_step is not None:
+            # onnxruntime-training's Module holds the GIL for a whole step, which froze prediction
+            # and capture for as long (docs/serve.md); the portable step runs in an
+            # InferenceSession, which releases it
+            engine = "onnx"
         if cfg.memory_budget is not None and not cfg.no_adapt:
-            need, how = adaptation_peak_mib(bundle, cfg.batch, cfg.provider, cfg.engine)
+            need, how = adaptation_peak_mib(bundle, cfg.batch, cfg.provider, engine)
             if need > cfg.memory_budget:
                 raise Refused(f"adapting {bundle.path} at batch {cfg.batch} needs {need:.0f} MiB peak "
                               f"RSS ({how}), over --memory-budget {cfg.memory_budget:g} MiB; try a "
@@ -152,7 +158,8 @@ class Service:
         if cfg.state_dir:
             stack.callback(lock_state_dir(Path(cfg.state_dir)).close)
         try:
-            adapter = Adapter(bundle, provider=cfg.provider, lr=cfg.lr, engine=cfg.engine)
+            adapter = Adapter(bundle, provider=cfg.provider, lr=cfg.lr, engine=engine,
+                              threads=cfg.adapt_threads)
         except (RuntimeError, ValueError) as e:
             raise Refused(str(e)) from None
         predictor = SessionPredictor(bundle, provider=adapter.provider)
@@ -202,8 +209,10 @@ class Service:
 
     def _skip(self, item: SkippedFrame) -> None:
         t = self.telemetry
-        t.skipped[item.kind] += 1
-        if t.skipped[item.kind] == 1:
+        with t.lock:  # the reader thread and the loop both count
+            t.skipped[item.kind] += 1
+            first = t.skipped[item.kind] == 1
+        if first:
             log.warning("skipped a frame (%s): %s; further '%s' frames are skipped and counted "
                         "without a message", item.kind, printable(item.detail, 300), item.kind)
 
