@@ -111,7 +111,8 @@ def cuda_fix(engine: str) -> str:
     """How to get a CUDA-enabled onnxruntime for ``engine`` on this machine."""
     if engine == "ort-training":
         if _is_x86() and sys.platform == "linux" and sys.version_info < (3, 13):
-            return ("pip uninstall -y onnxruntime-training-cpu && pip install 'edgetta[cuda]' "
+            return ("replace the CPU build with the CUDA build: pip uninstall -y "
+                    "onnxruntime-training-cpu && pip install --no-deps onnxruntime-training==1.19.2 "
                     "(docs/devices.md)")
         return (f"onnxruntime-training has no CUDA build for {platform.machine()}; use --engine "
                 "onnx with a CUDA build of onnxruntime, or --provider cpu")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import platform
 import subprocess
 import sys
 from dataclasses import dataclass, field
