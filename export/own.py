@@ -90,7 +90,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, list[fl
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ExportError(f"{path} holds no state dict")
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ (another class count, another width)
+        detail = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e).splitlines()[0])
+        raise ExportError(f"{path} does not fit the architecture: {detail[:300]}") from None
     if result.missing_keys or result.unexpected_keys:
         raise ExportError(f"{path} does not fit the architecture: {len(result.missing_keys)} missing "
                           f"keys (e.g. {result.missing_keys[:1]}), {len(result.unexpected_keys)} unexpected "

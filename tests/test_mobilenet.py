@@ -73,30 +73,28 @@ def check_against_torch(ckpt: dict, bundle: Path, batches=(2,), bound: float = 1
     return worst
 
 
+def _export(name: str, path: Path) -> tuple[dict, Path]:
+    ckpt = make_checkpoint(name, sparsity=0.5)
+    ckpt["input_size"] = CONFIGS[name].input_size
+    export_bundle(ckpt, path, profile=False)
+    return ckpt, path
+
+
 @pytest.fixture(scope="module")
-def mobilenet_bundles(tmp_path_factory):
-    out = {}
-    for name in ("mobilenet_v2", "mobilenet_v3s"):
-        ckpt = make_checkpoint(name, sparsity=0.5)
-        ckpt["input_size"] = CONFIGS[name].input_size
-        path = tmp_path_factory.mktemp("mobile") / name
-        export_bundle(ckpt, path, profile=False)
-        out[name] = (ckpt, path)
-    return out
+def mobilenet_v2_bundle(tmp_path_factory):
+    return _export("mobilenet_v2", tmp_path_factory.mktemp("mobile") / "mobilenet_v2")
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3s"])
-def test_mobilenet_gradients_match_torch_on_both_engines(mobilenet_bundles, name):
-    ckpt, bundle = mobilenet_bundles[name]
-    worst = check_against_torch(ckpt, bundle)
+def test_mobilenet_v2_gradients_match_torch_on_both_engines(mobilenet_v2_bundle):
+    worst = check_against_torch(*mobilenet_v2_bundle)
     assert set(worst) == {"ort-training", "onnx"}
 
 
-def test_relu6_gradients_use_one_bit_band_masks(mobilenet_bundles):
+def test_relu6_gradients_use_one_bit_band_masks(mobilenet_v2_bundle):
     """ReLU6 is exported as Clip(x, 0, 6); its gradient passes where 0 < x < 6. The lean graph
     keeps that as one bit per element (packed like the ReLU masks) instead of onnxruntime's
     float x; the generated >=, <= chain is gone from both graphs."""
-    _, bundle = mobilenet_bundles["mobilenet_v2"]
+    _, bundle = mobilenet_v2_bundle
     m = json.loads((bundle / "manifest.json").read_text())
     rewrites = m["training_graph"]["rewrites"]
     clips = [n for n in onnx.load(bundle / "inference.onnx").graph.node if n.op_type == "Clip"]
@@ -112,14 +110,24 @@ def test_relu6_gradients_use_one_bit_band_masks(mobilenet_bundles):
     assert grouped
 
 
-def test_hard_swish_is_exported_as_differentiable_ops(mobilenet_bundles):
+def test_hard_swish_is_exported_as_differentiable_ops():
     """onnxruntime-training has no HardSwish gradient: the zoo's hard-swish is x*relu6(x+3)/6."""
-    _, bundle = mobilenet_bundles["mobilenet_v3s"]
-    ops = {n.op_type for n in onnx.load(bundle / "inference.onnx").graph.node}
-    assert "HardSwish" not in ops and "Clip" in ops
-    x = torch.linspace(-5, 5, 101)
+    import io
     from edgetta_export.models import HardSwish
+    x = torch.linspace(-5, 5, 101)
     assert torch.allclose(HardSwish()(x), torch.nn.functional.hardswish(x), atol=1e-6)
+    buf = io.BytesIO()
+    torch.onnx.export(HardSwish(), (x,), buf, dynamo=False, opset_version=17)
+    ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
+    assert "HardSwish" not in ops and "Clip" in ops
+
+
+@pytest.mark.slow
+def test_mobilenet_v3s_gradients_match_torch_on_both_engines(tmp_path):
+    """Hard-swish (its Clip as a band mask, its Mul as generated) and 5x5 depthwise convs."""
+    ckpt, bundle = _export("mobilenet_v3s", tmp_path / "v3s")
+    assert json.loads((bundle / "manifest.json").read_text())["training_graph"]["rewrites"]["clip_grad_to_mask"] > 0
+    check_against_torch(ckpt, bundle, batches=(1, 4))
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v2_224", "mobilenet_v3s", "mobilenet_v3s_224"])
@@ -140,7 +148,4 @@ def test_mobilenets_have_depthwise_blocks_at_both_sizes(name):
 
 @pytest.mark.slow
 def test_mobilenet_v2_224_gradients_match_torch(tmp_path):
-    ckpt = make_checkpoint("mobilenet_v2_224", sparsity=0.5)
-    ckpt["input_size"] = 224
-    export_bundle(ckpt, tmp_path / "b", profile=False)
-    check_against_torch(ckpt, tmp_path / "b", batches=(2,))
+    check_against_torch(*_export("mobilenet_v2_224", tmp_path / "b"), batches=(2,))

@@ -21,14 +21,14 @@ class Plain(nn.Module):
     """Not in the zoo: conv stacks, a residual block around a grouped conv, hard-swish, ReLU6,
     a functional mean for pooling."""
 
-    def __init__(self, classes: int = 5):
+    def __init__(self, num_classes: int = 5):
         super().__init__()
         self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         self.b = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.Hardswish())
         self.c, self.bn_c = nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(32)
         self.d = nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6())
         self.e, self.bn_e = nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64)
-        self.fc = nn.Linear(64, classes)
+        self.fc = nn.Linear(64, num_classes)
 
     def forward(self, x):
         x = self.b(self.a(x))
@@ -137,25 +137,30 @@ def write_image_folder(root, classes=("circle", "square", "stripes"), per_class=
 
 
 def test_cli_export_from_an_image_folder(tmp_path, capsys):
+    """The whole user path on a folder the test writes: a module of one's own by
+    package.module:factory, its state dict, warm-up, clean accuracy, class names in the bundle."""
     from edgetta.cli import main
     data = write_image_folder(tmp_path / "images")
     weights = tmp_path / "mine.pt"
-    torch.manual_seed(0)
-    torch.save(create_model("mobilenet_v3s", num_classes=3).state_dict(), weights)
+    torch.save(_randomize_batchnorms(Plain(num_classes=3)).state_dict(), weights)
     out = tmp_path / "bundle"
-    rc = main(["export", "--arch", "mobilenet_v3s", "--weights", str(weights), "--data", str(data),
-               "--out", str(out), "--warmup-epochs", "2", "--warmup-batch", "8", "--no-profile",
-               "--save-checkpoint", str(tmp_path / "host.pt")])
+    rc = main(["export", "--arch", "tests.test_own_model:Plain", "--weights", str(weights),
+               "--data", str(data), "--input-size", "16", "--out", str(out), "--warmup-epochs", "2",
+               "--warmup-batch", "8", "--no-profile", "--save-checkpoint", str(tmp_path / "host.pt")])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "held-back images" in printed and "before meta warm-up" in printed and "after" in printed
     m = json.loads((out / "manifest.json").read_text())
     assert m["class_names"] == ["circle", "square", "stripes"]
-    assert m["model"]["architecture"] == "mobilenet_v3s"
+    assert m["model"]["architecture"] == "tests.test_own_model:Plain"
     assert m["model"]["meta_warmup"]["held_back_images"] == 6  # round(0.2 x 12) per class
+    assert m["input"]["shape"] == [3, 16, 16]
     from edgetta.adapter import Adapter
-    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     assert Adapter.load(out).step(frames, adapt=True).shape == (4, 3)
+    from edgetta_export import checkpoint
+    from edgetta_export.bundle import build_model
+    assert build_model(checkpoint.load(tmp_path / "host.pt")).k == 4  # the saved host checkpoint rebuilds
 
 
 def test_cli_refuses_what_it_cannot_export_with_one_line(tmp_path, capsys):
@@ -163,8 +168,10 @@ def test_cli_refuses_what_it_cannot_export_with_one_line(tmp_path, capsys):
     data = write_image_folder(tmp_path / "images", per_class=2)
     weights = tmp_path / "other.pt"
     torch.save(create_model("wrn16_1", num_classes=3).state_dict(), weights)
+    torch.save(Plain(num_classes=5).state_dict(), tmp_path / "plain.pt")
     cases = [["--arch", "tests.test_own_model:Branchy"],
-             ["--arch", "mobilenet_v2", "--weights", str(weights)],
+             ["--arch", "mobilenet_v2", "--weights", str(weights)],  # another architecture
+             ["--arch", "tests.test_own_model:Plain", "--weights", str(tmp_path / "plain.pt")],  # 5 classes
              ["--arch", "no_such_net"]]
     for extra in cases:
         rc = main(["export", "--data", str(data), "--out", str(tmp_path / "b"), "--no-profile", *extra])
