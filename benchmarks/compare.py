@@ -43,7 +43,7 @@ from benchmarks.methods import METHODS, RUNNABLE, spec
 
 SUITES = ("main", "small_batch", "gradual", "memory", "sparsity")
 DEFAULT_SUITES = ("main", "small_batch", "gradual", "memory")
-MEMORY_MODELS = ("default", "wrn28_10", "wrn40_2", "resnet50")
+MEMORY_MODELS = ("default", "wrn28_10", "wrn40_2", "resnet50", "mobilenet_v2_224")
 
 
 def _progress(total: int, quiet: bool):

@@ -7,7 +7,8 @@ from typing import Any
 from benchmarks.methods import ordered, spec
 
 MODEL_LABELS = {"default": "WRN-16-2 (trained, 80% ERK) 32x32", "wrn28_10": "WRN-28-10 32x32",
-                "wrn40_2": "WRN-40-2 32x32", "resnet50": "ResNet-50 224x224"}
+                "wrn40_2": "WRN-40-2 32x32", "resnet50": "ResNet-50 224x224",
+                "mobilenet_v2_224": "MobileNetV2 224x224"}
 ABBREV = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
           "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
           "fog": "fog", "brightness": "brit", "contrast": "contr", "elastic_transform": "elast",
