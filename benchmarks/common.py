@@ -6,6 +6,7 @@ Run the benchmarks as modules from the repository root (``python -m benchmarks.c
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -134,8 +135,27 @@ def merge_json(path: Path, sections: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the module docstring's layout and shows every default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows the default of every option that
+    has one (argparse's ArgumentDefaultsHelpFormatter skips options without a help text and
+    repeats a default the text already names)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._default_shown(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").strip()
+        if "default" in text or not self._default_shown(action):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+    @staticmethod
+    def _default_shown(action: argparse.Action) -> bool:
+        d = action.default
+        return bool(action.option_strings) and not (d is None or d is False or d is argparse.SUPPRESS or d == [])
 
 
 def positive_int(text: str) -> int:

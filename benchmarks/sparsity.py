@@ -110,7 +110,7 @@ def run(smoke: bool = False, threads: int = 1, seed: int = 0, per_type: int = 20
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sparsity", description=__doc__,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--configs", nargs="+", default=None, help=f"subset of {[c[0] for c in CONFIGS]}")
+    p.add_argument("--configs", nargs="+", default=None, help="subset of " + ", ".join(repr(c[0]) for c in CONFIGS).replace("%", "%%") + " (default: all)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--train-images", type=int, default=12000)
     p.add_argument("--warmup-epochs", type=float, default=1.0)

@@ -212,3 +212,13 @@ def test_benchmark_output_into_a_closed_pipe_is_quiet():
                        shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.stdout == "row\nrow\n"
     assert r.stderr == ""
+
+
+def test_benchmark_help_shows_every_default():
+    r = subprocess.run([sys.executable, "-m", "benchmarks.sparsity", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "--batch BATCH (default: 64)" in text and "--seed SEED (default: 0)" in text
+    assert "'uniform 50%'" in text  # a literal % in a help text
+    assert "(default: None)" not in text and "(default: False)" not in text
