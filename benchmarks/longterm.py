@@ -365,6 +365,39 @@ def collect(a: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_saved(a: argparse.Namespace) -> int:
+    """For an edgetta run whose worker predates the batch-statistics clean error: load the
+    bundle and the state the worker saved after its last round, check that the clean error on
+    running statistics is the one recorded, and fill in the batch-statistics figures."""
+    json_path = Path(a.out_dir) / "longterm.json"
+    with np.load(clean_subset(a.clean_frames, a.seed), allow_pickle=False) as d:
+        clean_x, clean_y = d["images"], d["labels"]
+    tag = variant_tag(a)
+    for m in a.methods:
+        partial = _partial_dir(a.smoke) / f"{m}{tag}.json"
+        rec = json.loads(partial.read_text())
+        last = rec["rounds"][-1]
+        runner = EdgettaRunner(bundles({(0.0 if m.endswith("_lam0") else a.lam, a.e0)}).popitem()[1], a.threads)
+
+        def err(fn: Callable[[np.ndarray], np.ndarray]) -> float:
+            return float((_predict_all(fn, clean_x, a.batch) != clean_y).mean())
+        if err(runner.predict) != rec["clean_error_start"]:
+            raise SystemExit(f"error: {m}: the bundle's clean error is not the recorded one; not filled in")
+        rec["clean_error_start_batch_stats"] = err(runner.predict_batch_stats)
+        runner.adapter.resume(partial.with_suffix(".state.npz"))
+        if err(runner.predict) != last["clean_error"]:
+            raise SystemExit(f"error: {m}: the saved state's clean error is not the recorded one; not filled in")
+        last["clean_error_batch_stats"] = err(runner.predict_batch_stats)
+        rec.setdefault("notes", []).append(
+            f"batch-statistics clean errors filled in from the saved state by "
+            f"'python -m benchmarks.longterm --evaluate-saved --methods {m}'")
+        write_text_atomic(partial, json.dumps(rec, indent=1))
+        merge(json_path, None, {rec["method"]: rec})
+        log.info("%s: clean error on batch statistics %.4f -> %.4f", m, rec["clean_error_start_batch_stats"],
+                 last["clean_error_batch_stats"])
+    return 0
+
+
 def run_driver(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     out_dir = Path(a.out_dir)
@@ -765,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--diagnose", action="store_true",
                    help="only measure where the loss pulls the warmed-up meta networks (PyTorch; seconds)")
+    p.add_argument("--evaluate-saved", action="store_true",
+                   help="edgetta: fill in the batch-statistics clean error of a finished run from its saved state")
     p.add_argument("--collect", action="store_true",
                    help="only merge the partial results of --methods (a stopped run's) into the JSON")
     p.add_argument("--smoke", action="store_true", help="tiny run: 2 frames per type, batch 8, 2 rounds")
@@ -795,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
         update_json(Path(a.out_dir) / "longterm.json", {"diagnosis": diag})
         print(json.dumps(diag, indent=1))
         return 0
+    if a.evaluate_saved:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        return evaluate_saved(a)
     if a.collect:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         return collect(a)
