@@ -61,3 +61,38 @@ def test_truncated_idx_file_is_reported(tmp_path):
         f.write(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"\x00" * 10)
     with pytest.raises(ValueError, match="truncated"):
         datasets.fashion_mnist("test", root=tmp_path)
+
+
+def test_image_folder_reads_png_and_jpeg_by_class(tmp_path):
+    from PIL import Image
+    colours = {"b_red": (220, 20, 20), "a_blue": (20, 20, 220)}
+    for name, rgb in colours.items():
+        (tmp_path / name).mkdir()
+        for i, suffix in enumerate((".png", ".JPG", ".jpeg")):
+            Image.new("RGB", (40, 24), rgb).save(tmp_path / name / f"{i}{suffix}")
+        (tmp_path / name / "notes.txt").write_text("not an image")
+    Image.new("L", (8, 8), 128).save(tmp_path / "a_blue" / "grey.png")  # greyscale: converted to RGB
+    x, y, classes = datasets.image_folder(tmp_path, 16)
+    assert classes == ("a_blue", "b_red")  # sorted subfolder names
+    assert x.shape == (7, 16, 16, 3) and x.dtype == np.uint8 and y.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert abs(int(x[4, 8, 8, 0]) - 220) <= 3 and abs(int(x[0, 8, 8, 2]) - 220) <= 3  # JPEG is lossy
+    assert (x[3] == 128).all()
+    (tmp_path / "a_blue" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png is not a readable image"):
+        datasets.image_folder(tmp_path, 16)
+
+
+def test_image_folder_needs_class_subfolders(tmp_path):
+    with pytest.raises(datasets.DatasetMissing, match="not found"):
+        datasets.image_folder(tmp_path / "nope", 32)
+    (tmp_path / "only").mkdir()
+    with pytest.raises(datasets.DatasetMissing, match="one subfolder per class"):
+        datasets.image_folder(tmp_path, 32)
+
+
+def test_holdout_keeps_every_class_on_both_sides():
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 1)
+    train, held = datasets.holdout(labels, 0.2, seed=0)
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(14))
+    assert np.bincount(labels[held], minlength=3).tolist() == [2, 1, 0]  # a lone image stays in training
+    assert (datasets.holdout(labels, 0.2, seed=0)[1] == held).all()

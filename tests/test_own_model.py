@@ -71,6 +71,7 @@ def test_plain_module_exports_with_automatic_boundaries(tmp_path):
     manifest = export_bundle(ckpt, tmp_path / "plain", profile=False)
     assert manifest["ecotta"]["part_ends"] == ckpt["part_ends"]
     assert manifest["class_names"] == [f"c{i}" for i in range(5)]
+    assert manifest["frozen"]["batchnorms_folded_into_convs"] == 5  # every conv-BN pair, through the fx parts
     # part 0 (stem a + block b, hard-swish) needs no gradient; ReLU6 in d does
     assert manifest["training_graph"]["rewrites"]["clip_grad_to_mask"] == 1
     # the partitioned backbone computes what the module computes
