@@ -103,11 +103,13 @@ def test_relu6_gradients_use_one_bit_band_masks(mobilenet_v2_bundle):
         ops = [n.op_type for n in onnx.load(bundle / file).graph.node]
         assert "GreaterOrEqual" not in ops and "LessOrEqual" not in ops, file
         assert ops.count("Less") >= 1 and "BitShift" in ops
-    # depthwise convolutions: frozen, their input gradients are grouped ConvTransposes
+    # frozen depthwise convolutions: input gradients as a depthwise Conv of the flipped kernels
+    # at stride 1, a grouped ConvTranspose at stride 2
     g = onnx.load(bundle / "portable_step.onnx").graph
-    grouped = [n for n in g.node if n.op_type == "ConvTranspose"
-               and any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    assert grouped
+    grouped = {op: [n for n in g.node if n.op_type == op and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+               for op in ("ConvTranspose", "Conv")}
+    assert grouped["ConvTranspose"] and rewrites["depthwise_grad_to_conv"] > 0
+    assert len([n for n in grouped["Conv"] if n.input[1].endswith(".flipped")]) == rewrites["depthwise_grad_to_conv"]
 
 
 def test_hard_swish_is_exported_as_differentiable_ops():
