@@ -569,9 +569,16 @@ def label(name: str) -> str:
     return spec(name.removesuffix("_lam0")).short + (", lambda=0" if name.endswith("_lam0") else "")
 
 
-def _style(name: str) -> dict[str, Any]:
-    """The registry's colour of the method; the lambda = 0 ablation dashed in the same colour."""
+VARIANT_COLOURS = ("#000000", "#8c564b", "#e377c2", "#ff7f0e")
+
+
+def _style(name: str, variants: list[str]) -> dict[str, Any]:
+    """The registry's colour of the method; the lambda = 0 ablation dashed in the same colour;
+    a variant (name+tag) dash-dotted in a colour of its own."""
     from benchmarks.methods import spec
+    if name in variants:
+        return {"color": VARIANT_COLOURS[variants.index(name) % len(VARIANT_COLOURS)], "linestyle": "-.",
+                "label": label(name)}
     return {"color": spec(name.removesuffix("_lam0")).colour, "linestyle": "--" if name.endswith("_lam0") else "-",
             "label": label(name)}
 
@@ -587,12 +594,13 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
 
     methods = data["methods"]
     order = _order(methods)
+    variants = [m for m in order if m not in METHODS]
     cfg = data["config"]
     written = []
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for m in order:
         rs = methods[m]["rounds"]
-        ax.plot([r["round"] for r in rs], [100 * r["error"] for r in rs], marker="o", ms=3, **_style(m))
+        ax.plot([r["round"] for r in rs], [100 * r["error"] for r in rs], marker="o", ms=3, **_style(m, variants))
     ax.set_xlabel("round (one pass over the 15-corruption stream, no reset)")
     ax.set_ylabel("error on the stream, %")
     ax.set_title(f"Long-term continual adaptation: {cfg['frames_per_round']} frames per round, batch {cfg['batch']}")
@@ -607,7 +615,7 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     for ax, batch_stats in zip(axes, (False, True)):
         for m in order:
             pts = clean_points(methods[m], batch_stats)
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=4, **_style(m))
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=4, **_style(m, variants))
         ax.set_xlabel("after round (0: before adaptation)")
         ax.set_title("as each method predicts (EcoTTA, edgetta: running statistics)" if not batch_stats
                      else "every BatchNorm on the clean batch's statistics", fontsize=10)
@@ -623,10 +631,10 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for m in order:
         rs = methods[m]["rounds"]
-        axes[0].plot([r["round"] for r in rs], [r["peak_rss_mib"] for r in rs], marker="o", ms=3, **_style(m))
+        axes[0].plot([r["round"] for r in rs], [r["peak_rss_mib"] for r in rs], marker="o", ms=3, **_style(m, variants))
         if rs and rs[0]["param_distance_rel"] is not None:
             axes[1].plot([r["round"] for r in rs], [r["param_distance_rel"] for r in rs], marker="o", ms=3,
-                         **_style(m))
+                         **_style(m, variants))
     axes[0].set_ylabel("peak RSS of the round, MiB")
     axes[1].set_ylabel("||theta - theta_start|| / ||theta_start||")
     axes[1].set_yscale("log")
