@@ -1,9 +1,13 @@
 """Long-term adaptation: the continual stream repeated for many rounds without reset.
 
-    python -m benchmarks.longterm                       # every method, 10 rounds (about an hour, CoTTA most of it)
-    python -m benchmarks.longterm --methods edgetta edgetta_lam0
+    python -m benchmarks.longterm                       # every method, 10 rounds, two processes at once
+    python -m benchmarks.longterm --methods edgetta --anchor 0.01   # a drift-fix variant
+    python -m benchmarks.longterm --diagnose            # where the loss pulls the warmed-up meta nets
     python -m benchmarks.longterm --report              # docs/longterm.md and the plots from the JSON
     python -m benchmarks.longterm --smoke --out-dir /tmp/lt   # a tiny run (tests)
+
+Cost on one free x86-64 core: CoTTA about 5 minutes a round (32 augmented teacher passes on
+most batches), edgetta and EcoTTA-torch under a minute, the others seconds.
 
 The stream is the main suite's (``benchmarks.common.continual_stream``: Fashion-MNIST test images
 as 32x32x3, the 15 corruptions in the standard order, severity 5), repeated ``--rounds`` times
