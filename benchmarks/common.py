@@ -9,17 +9,16 @@ import argparse
 import copy
 import hashlib
 import json
-import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any
 
 import numpy as np
 
-from edgetta.errors import EdgettaError
+from edgetta.console import run_cli as run_cli  # the benchmark scripts end through it
 from edgetta.system import atomic_write, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,19 +187,3 @@ def run_job(args: list[str], threads: int, timeout: float) -> dict[str, Any]:
     return out
 
 
-def run_cli(main: Callable[[], int]) -> NoReturn:
-    """Exit with ``main()``'s code; a missing file or an edgetta error is one line on stderr and
-    exit 2, and a closed pipe (``| head``) ends the program quietly. Library code reports through
-    ``logging``; here its INFO lines go to stderr as plain text."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        code = main()
-        sys.stdout.flush()
-    except (EdgettaError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except BrokenPipeError:
-        # the reader went away: point stdout at /dev/null so the interpreter's final flush is quiet
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 1
-    sys.exit(code)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, serve
+from .console import guarded
 from .targets import TARGETS
 
 EXPORT_HINT = ("edgetta export needs the host toolchain (PyTorch and ONNX), which the device "
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return guarded(lambda: args.func(args))
 
 
 if __name__ == "__main__":

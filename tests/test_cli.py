@@ -54,3 +54,14 @@ def test_default_bundle_matches_torch_and_source_accuracy(default_bundle):
         ref = model(torch.from_numpy(x)).numpy()
     out = ort.InferenceSession(str(default_bundle / "inference.onnx")).run(["logits"], {"input": x})[0]
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_closed_pipe_ends_quietly(tiny_bundle):
+    # `edgetta adapt ... | head -1`: the reader goes away after one line; no traceback follows
+    p = subprocess.Popen([sys.executable, "-m", "edgetta", "adapt", str(tiny_bundle), "--limit", "64",
+                          "--batch", "16", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 1
+    assert first and "Traceback" not in err and "BrokenPipe" not in err
