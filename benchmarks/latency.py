@@ -228,7 +228,7 @@ def guard_run(bundle: Path, static_frames: int) -> dict[str, Any]:
             cases.append({"lr": a.lr, "guard": window > 0, "resets": sa.resets,
                           "accuracy": round(sa.accuracy, 4),
                           "accuracy_no_adaptation": round(sa.accuracy_no_adaptation, 4),
-                          "first_reset_reason": sa.last_reset_reason})
+                          "last_reset_reason": sa.last_reset_reason})
             print(json.dumps(cases[-1]), file=sys.stderr, flush=True)
     out["collapse_cases"] = cases
     static = []
