@@ -643,4 +643,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from edgetta.console import run_cli
+    run_cli(main)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -75,4 +74,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from edgetta.console import run_cli
+    run_cli(main)

@@ -14,7 +14,7 @@ gradient is wanted). This pass rewrites, in the generated training graph:
   the forward ReLU, packed 8 signs to a byte (``MatMulInteger`` by 1, 2, .., 128) and unpacked
   with two ``BitShift``s to 0.0/1.0 right before its use: 1 bit kept instead of a 4-byte float.
   (``Where(mask, dY, 0)`` would do the same, but onnxruntime's CPU ``Where`` allocates two
-  scratch tensors of its output's size: measured, 2 x 196 MiB per call on ResNet-50.)
+  scratch tensors of its output's size on every call: figures in docs/memory.md.)
   Masks of frozen convs' outputs are taken in NHWC order and transposed back as bytes when
   unpacked: on x86, onnxruntime computes those convs in a blocked layout, and only an NHWC
   reader gets its layout conversion run right away (``frozen_conv_outputs``).
@@ -246,8 +246,8 @@ def frozen_conv_outputs(graph: onnx.GraphProto) -> set[str]:
 
     A node that reads such a tensor in plain NCHW gets a ``ReorderOutput``, which that pass
     creates last: onnxruntime runs the lowest-numbered ready node first, so the reorder waits
-    for the rest of the forward pass, holding the blocked tensor (measured on ResNet-50:
-    a median of 55 nodes, up to 523, 196 MiB each). A ``Transpose`` to NHWC is fused into a
+    for the rest of the forward pass, holding the blocked tensor (on ResNet-50: docs/memory.md,
+    'ResNet-50 and onnxruntime's NCHWc layout'). A ``Transpose`` to NHWC is fused into a
     reorder created in place, which runs right after its conv. So masks of these tensors are
     taken in NHWC order."""
     const = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}

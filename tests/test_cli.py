@@ -65,3 +65,11 @@ def test_closed_pipe_ends_quietly(tiny_bundle):
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 1
     assert first and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_host_tool_errors_are_one_line(tmp_path):
+    for args in (["edgetta_export.warmup", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "w.pt")],
+                 ["edgetta_export.train", "--data-root", str(tmp_path), "--out", str(tmp_path / "t.pt")]):
+        r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
