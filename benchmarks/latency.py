@@ -5,6 +5,7 @@ a soak, and the collapse guard.
     python -m benchmarks.latency --suite latency --seconds 40
     python -m benchmarks.latency --suite soak --soak-seconds 600
     python -m benchmarks.latency --suite guard
+    python -m benchmarks.latency --suite gil          # does a step block other threads?
 
 latency: ``edgetta serve`` on the built-in default bundle (WRN-16-2) in a subprocess, its
 output lines timed where they are read (here). Sources: ffmpeg's MJPEG server on 127.0.0.1 at
@@ -247,9 +248,40 @@ def guard_run(bundle: Path, static_frames: int) -> dict[str, Any]:
     return out
 
 
+def gil_run(bundle: Path, steps: int = 4) -> dict[str, Any]:
+    """Does an adaptation step let other Python threads run? A thread that wakes every 5 ms
+    records its largest gap while the engine steps at batch 32."""
+    from edgetta import Adapter
+    from edgetta.streams import load_stream
+    x_frames = load_stream("demo").images[:32]
+    out = {}
+    for engine in ("ort-training", "onnx"):
+        a = Adapter.load(bundle, engine=engine, threads=1)
+        x = a.preprocess(x_frames)
+        a.adapt(x)
+        ticks: list[float] = []
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.is_set():
+                ticks.append(time.perf_counter())
+                time.sleep(0.005)
+        th = threading.Thread(target=tick)
+        th.start()
+        t = time.perf_counter()
+        for _ in range(steps):
+            a.adapt(x)
+        step_ms = (time.perf_counter() - t) / steps * 1e3
+        stop.set()
+        th.join()
+        out[engine] = {"step_ms": round(step_ms, 1),
+                       "largest_gap_of_a_5ms_thread_ms": round(float(np.diff(ticks).max()) * 1e3, 1)}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--suite", choices=["all", "latency", "health", "soak", "guard"], default="all")
+    p.add_argument("--suite", choices=["all", "latency", "health", "soak", "guard", "gil"], default="all")
     p.add_argument("--seconds", type=float, default=40.0, help="measured seconds per latency run")
     p.add_argument("--soak-seconds", type=float, default=600.0)
     p.add_argument("--static-frames", type=int, default=9000, help="frames per static scene")
@@ -276,6 +308,10 @@ def main() -> int:
         s = soak_run(bundle, a.soak_seconds)
         print(json.dumps({k: v for k, v in s.items() if k != "samples"}), file=sys.stderr, flush=True)
         merge_json(OUT, {"soak": {"command": cmd, **machine, **s}})
+    if a.suite in ("all", "gil"):
+        g = gil_run(bundle)
+        print(json.dumps(g), file=sys.stderr, flush=True)
+        merge_json(OUT, {"gil": {"command": cmd, **machine, **g}})
     if a.suite in ("all", "guard"):
         g = guard_run(bundle, a.static_frames)
         merge_json(OUT, {"guard": {"command": cmd, **machine, **g}})
