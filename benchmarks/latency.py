@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import signal
@@ -287,7 +288,7 @@ def main() -> int:
     p.add_argument("--static-frames", type=int, default=9000, help="frames per static scene")
     a = p.parse_args()
     bundle = default_bundle()
-    machine = {"machine": platform.machine(), "cpus": __import__("os").cpu_count(),
+    machine = {"machine": platform.machine(), "cpus": os.cpu_count(),
                "note": "shared 2-core machine, other jobs running"}
     cmd = "python -m benchmarks.latency " + " ".join(sys.argv[1:])
     if a.suite in ("all", "latency"):
@@ -300,21 +301,14 @@ def main() -> int:
             runs.append(latency_run(bundle, source, adapt, a.seconds))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
         merge_json(OUT, {"latency": {"command": cmd, **machine, "runs": runs}})
-    if a.suite in ("all", "health"):
-        h = health_run(bundle)
-        print(json.dumps(h), file=sys.stderr, flush=True)
-        merge_json(OUT, {"health": {"command": cmd, **machine, **h}})
-    if a.suite in ("all", "soak"):
-        s = soak_run(bundle, a.soak_seconds)
-        print(json.dumps({k: v for k, v in s.items() if k != "samples"}), file=sys.stderr, flush=True)
-        merge_json(OUT, {"soak": {"command": cmd, **machine, **s}})
-    if a.suite in ("all", "gil"):
-        g = gil_run(bundle)
-        print(json.dumps(g), file=sys.stderr, flush=True)
-        merge_json(OUT, {"gil": {"command": cmd, **machine, **g}})
-    if a.suite in ("all", "guard"):
-        g = guard_run(bundle, a.static_frames)
-        merge_json(OUT, {"guard": {"command": cmd, **machine, **g}})
+    suites = {"health": lambda: health_run(bundle), "soak": lambda: soak_run(bundle, a.soak_seconds),
+              "gil": lambda: gil_run(bundle), "guard": lambda: guard_run(bundle, a.static_frames)}
+    for name, run in suites.items():
+        if a.suite in ("all", name):
+            result = run()
+            print(json.dumps({k: v for k, v in result.items() if k != "samples"}), file=sys.stderr,
+                  flush=True)
+            merge_json(OUT, {name: {"command": cmd, **machine, **result}})
     return 0
 
 
