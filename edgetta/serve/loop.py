@@ -31,9 +31,12 @@ STATE_FILE = "state.npz"
 def adaptation_peak_mib(bundle: Any, batch: int, provider: str = "cpu",
                         engine: str = "auto") -> tuple[float, str]:
     """Peak RSS (MiB) of a process running one adaptation step at ``batch``: the bundle's
-    profile when it was made for this batch, else measured in a fresh process."""
+    profile when it was measured for this batch, engine and architecture, else measured in a
+    fresh process."""
+    import platform
     prof = bundle.manifest.profile
-    if prof is not None and prof.batch == batch:
+    if (prof is not None and prof.batch == batch and prof.engine == engine
+            and prof.machine == platform.machine()):
         return float(prof.adaptation_peak_mib), "from the bundle's profile"
     from ..profile import MIB, measure_step
     try:
