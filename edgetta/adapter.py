@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -85,9 +85,13 @@ class Adapter:
         x = self.preprocess(frames, color_order)
         return self.adapt(x) if adapt else self.predict_tensor(x)
 
-    def predict_tensor(self, x: np.ndarray) -> np.ndarray:
-        """Logits of a preprocessed NCHW float32 batch on the current state (no update)."""
-        return self._session.run(["logits"], {"input": x, **self.runner.params(), **self._stats})[0]
+    def predict_tensor(self, x: np.ndarray, state: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Logits of a preprocessed NCHW float32 batch on the current state (no update), or on
+        ``state`` (a ``meta_state()`` snapshot): onnxruntime's ``run`` is thread-safe, so a
+        serving loop predicts on a snapshot while another thread adapts, with one session."""
+        if state is None:
+            state = {**self.runner.params(), **self._stats}
+        return self._session.run(["logits"], {"input": x, **state})[0]
 
     def adapt(self, x: np.ndarray) -> np.ndarray:
         """One adaptation step on a preprocessed NCHW float32 batch; returns the logits the

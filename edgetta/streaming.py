@@ -94,24 +94,15 @@ class Predictor(Protocol):
     def logits(self, x: np.ndarray, state: Mapping[str, np.ndarray]) -> np.ndarray: ...
 
 
-class SessionPredictor:
-    """The bundle's inference graph in its own onnxruntime session, fed a given meta state.
-    ``InferenceSession.run`` is thread-safe, so the loop and the worker may share one."""
+class AdapterPredictor:
+    """Predicts with the adapter's own inference session, fed a given meta state (no second
+    copy of the graph)."""
 
-    def __init__(self, bundle: Any, provider: str = "cpu", threads: int | None = 1):
-        from ._ort import onnxruntime
-        ort = onnxruntime()
-        opts = ort.SessionOptions()
-        if threads:
-            # one frame is too small to spread over cores; the other cores stay with the worker
-            opts.intra_op_num_threads = threads
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" \
-            else ["CPUExecutionProvider"]
-        self._session = ort.InferenceSession(str(bundle.file("inference.onnx")), opts,
-                                             providers=providers)
+    def __init__(self, adapter: Any):
+        self._adapter = adapter
 
     def logits(self, x: np.ndarray, state: Mapping[str, np.ndarray]) -> np.ndarray:
-        return self._session.run(["logits"], {"input": x, **state})[0]
+        return self._adapter.predict_tensor(x, state)
 
 
 class SourceModel:
@@ -119,7 +110,7 @@ class SourceModel:
     reference)."""
 
     def __init__(self, adapter: Any, predictor: Predictor | None = None):
-        self.predictor = predictor or SessionPredictor(adapter.bundle)
+        self.predictor = predictor or AdapterPredictor(adapter)
         self.state = adapter.meta_state()
 
     def predict_tensor(self, x: np.ndarray) -> np.ndarray:
@@ -411,7 +402,7 @@ class StreamingAdapter:
         self.blocking = blocking
         self.guard = guard if guard is not None else CollapseGuard()
         self.predictor = predictor or (baseline.predictor if baseline is not None
-                                       else SessionPredictor(adapter.bundle))
+                                       else AdapterPredictor(adapter))
         if baseline is None and adapt and self.guard.window > 0:
             baseline = SourceModel(adapter, self.predictor)  # the guard's reference
         self.baseline = baseline

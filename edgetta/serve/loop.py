@@ -22,7 +22,7 @@ from ..sources import FrameReader, OpenContext, SkippedFrame, open_source, print
 from ..streams import check_labels
 from .config import Refused, ServeConfig
 from .http import Preview, start_http
-from .telemetry import StatusLine, Summary, Telemetry, summary_lines
+from .telemetry import StatusLine, Summary, Telemetry
 
 log = logging.getLogger("edgetta.serve")
 STATE_FILE = "state.npz"
@@ -131,7 +131,7 @@ class Service:
     def _start(self, stack: ExitStack) -> None:
         from ..adapter import Adapter
         from ..bundle import Bundle
-        from ..streaming import CollapseGuard, SessionPredictor, SourceModel, StreamingAdapter
+        from ..streaming import AdapterPredictor, CollapseGuard, SourceModel, StreamingAdapter
         cfg = self.cfg
         bundle = Bundle.open(cfg.bundle)
         engine = cfg.engine
@@ -165,7 +165,7 @@ class Service:
                               threads=cfg.adapt_threads)
         except (RuntimeError, ValueError) as e:
             raise Refused(str(e)) from None
-        predictor = SessionPredictor(bundle, provider=adapter.provider)
+        predictor = AdapterPredictor(adapter)
         # the warmed-up model, taken before any resume: the guard's reference and the baseline
         baseline = SourceModel(adapter, predictor)
         self.state_path = Path(cfg.state_dir) / STATE_FILE if cfg.state_dir else None
