@@ -11,7 +11,7 @@ from benchmarks.tables import (SPARSE_MAX_DENSITY, MODEL_LABELS, activations_mib
 
 
 def _main(sec: dict) -> list[str]:
-    res, cfg = sec["results"], sec["config"]
+    res = sec["results"]
     lines = ["| method | trains | mean error % | ms / batch | peak RSS MiB | of which adaptation MiB |",
              "|---|---|---|---|---|---|"]
     for m in ordered(res):

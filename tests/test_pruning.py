@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgetta_export.models import CONFIGS, create_model
+from edgetta_export.models import create_model
 from edgetta_export.pruning import (SCHEMES, apply_masks, layer_densities, prunable_layers, random_masks,
                             sparsity_report, total_density)
 
