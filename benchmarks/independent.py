@@ -38,7 +38,7 @@ import numpy as np
 
 from benchmarks.common import (CACHE, RESULTS, ROOT, HelpFormatter, export_cached_bundle, load_json, merge_json,
                                positive_int, run_cli, run_job)
-from benchmarks.methods import RUNNABLE, spec
+from benchmarks.methods import RUNNABLE, ordered, spec
 from edgetta.system import atomic_write, write_text_atomic
 
 # The package's 15 "common" kinds in the standard continual order, less the two that crash with
@@ -136,6 +136,23 @@ def build_stream(s: StreamSpec) -> Path:
     return s.path
 
 
+PROTOCOL = ("kinds", "frames_per_kind", "work_size", "threads", "smoke", "checkpoint", "versions")
+
+
+def earlier_runs(old: dict[str, Any], config: dict[str, Any], planned: set[tuple]) -> list[dict[str, Any]]:
+    """Runs of an earlier report made with the same protocol that this run does not repeat (a run
+    of other batches or seeds adds to the report); their commands go into ``config``."""
+    oc = old.get("config", {})
+    if not old or any(oc.get(k) != config[k] for k in PROTOCOL):
+        return []
+    keep = [r for r in old.get("runs", []) if "error" in r
+            and (r["method"], r["severity"], r["batch"], r["seed"]) not in planned]
+    if keep:
+        config["earlier_commands"] = list(dict.fromkeys(oc.get("earlier_commands", []) + [oc["command"]]))
+        config["machine"]["earlier"] = oc.get("machine")
+    return keep
+
+
 def spread(values: Sequence[float]) -> dict[str, Any]:
     v = np.asarray(values, float)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
@@ -231,19 +248,27 @@ def render(data: dict[str, Any]) -> str:
          "- Methods run through `python -m benchmarks.run_method` in a fresh process each, one thread, "
          "the built-in checkpoint and its bundle (edgetta on onnxruntime-training), batches "
          + ", ".join(batches) + ". `ecotta_torch` equals edgetta to the frame (issue 15), so it is not re-run.",
-         "- Spread: ± is the standard deviation over the seeds, then (min-max) over the seeds.", "",
+         "- Spread: ± is the standard deviation over the seeds, then (min-max) over the seeds.",
+         "- Install: `pip install -e '.[bench]'` (imagecorruptions 1.1.2, which pulls scikit-image and "
+         "opencv-python; the latter installs the same `cv2` module as the project's opencv-python-headless and "
+         "needs the system's libGL: `pip install --no-deps imagecorruptions==1.1.2 scikit-image` avoids it). "
+         "setuptools 81+ no longer ships `pkg_resources`, which the package's frost imports; the script "
+         "registers a one-function stand-in (`resource_filename`) when it is missing.", "",
+         *(f"Earlier command (its runs that the last one did not repeat are kept): `{c}`  "
+           for c in cfg.get("earlier_commands", [])),
          f"Command: `{cfg['command']}`  ", f"Machine: {cfg['machine']['platform']}, {cfg['machine']['cpus']} CPUs, "
          f"load average at start {', '.join(f'{x:.1f}' for x in cfg['machine']['load_avg_at_start'])}"
          + (f", at end {', '.join(f'{x:.1f}' for x in cfg['machine']['load_avg_at_end'])}"
             if "load_avg_at_end" in cfg["machine"] else "") + f"; started {cfg['started']}.", ""]
     L += ["## Mean error (%) over the kinds, mean ± std (min-max) over the seeds", "",
-          "| method | " + " | ".join(f"sev {s}, batch {b}" for s in sevs for b in batches) + " |",
-          "|---|" + "---|" * (len(sevs) * len(batches))]
-    for m in methods:
-        L.append(f"| {spec(m).short} | " + " | ".join(_cell(summary[m].get(s, {}).get(b))
-                                                    for s in sevs for b in batches) + " |")
+          "| method | severity | " + " | ".join(f"batch {b}" for b in batches) + " |",
+          "|---|---|" + "---|" * len(batches)]
+    for s in sevs:
+        for m in methods:
+            L.append(f"| {spec(m).short} | {s} | " + " | ".join(_cell(summary[m].get(s, {}).get(b))
+                                                             for b in batches) + " |")
     L.append("")
-    top_sev, top_b = sevs[-1], batches[0]
+    top_sev, top_b = sevs[-1], max(batches, key=int)
     kinds = cfg["kinds"]
     L += [f"## Per kind (%), severity {top_sev}, batch {top_b}, mean (min-max) over the seeds", "",
           "| method | " + " | ".join(k.replace("_", " ") for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
@@ -271,6 +296,26 @@ def render(data: dict[str, Any]) -> str:
             sb = proj.get("small_batch", {}).get("error", {})
             L.append(f"| {spec(m).short} | {_pct(mm['error'][m])} | "
                      + " | ".join(_pct(sb[b][m]) if m in sb[b] else "-" for b in sb) + " |")
+        L.append("")
+    if "source" in summary:
+        L += ["## Against no adaptation, per kind (issue 15, item 4)", "",
+              "The worst kind: the largest (method's error minus source's error) over the kinds and seeds, in "
+              "points (per-kind error rates, not per-frame predictions: run_method reports no per-frame "
+              "outcome). Positive: on some kind and seed the method is worse than not adapting.", "",
+              "| method | severity | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "|---|---|" + "---|" * len(batches)]
+        for s in sevs:
+            for m in [m for m in methods if m != "source"]:
+                cells = []
+                for b in batches:
+                    r, src = summary[m].get(s, {}).get(b), summary["source"].get(s, {}).get(b)
+                    if r is None or src is None or r["seeds"] != src["seeds"]:
+                        cells.append("-")
+                        continue
+                    worst = max((r["per_kind"][k]["per_seed"][i] - src["per_kind"][k]["per_seed"][i], k)
+                                for k in r["per_kind"] for i in range(len(r["seeds"])))
+                    cells.append(f"{100 * worst[0]:+.1f} ({worst[1].replace('_', ' ')})")
+                L.append(f"| {spec(m).short} | {s} | " + " | ".join(cells) + " |")
         L.append("")
     L += ["## What it means for issue 15", "",
           "Paired differences: edgetta's error minus the other method's on the same stream, mean over the "
@@ -351,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}}
     runs: list[dict[str, Any]] = []
+    planned = {(m, sev, b, seed) for m in a.methods for sev in a.severities for b in a.batches for seed in a.seeds}
+    earlier = earlier_runs(load_json(json_path), config, planned)
     for sev in a.severities:
         for seed in a.seeds:
             stream = build_stream(StreamSpec(tuple(a.kinds), a.frames_per_kind, sev, seed, a.work_size))
@@ -367,7 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     config["machine"]["load_avg_at_end"] = os.getloadavg()
     keep = ("method", "severity", "batch", "seed", "error", "error_per_domain", "ms_per_batch", "process_s",
             "peak_rss_mib", "adaptation_share_mib", "frames", "failed")
-    data = {"config": config, "runs": [{k: r[k] for k in keep if k in r} for r in runs],
+    runs = earlier + [{k: r[k] for k in keep if k in r} for r in runs]
+    if earlier:
+        for k, field in (("methods", "method"), ("severities", "severity"), ("batches", "batch"), ("seeds", "seed")):
+            seen = list(dict.fromkeys(list(config[k]) + [r[field] for r in runs]))
+            config[k] = ordered(seen) if k == "methods" else sorted(seen, reverse=(k == "batches"))
+    data = {"config": config, "runs": runs,
             "summary": summarize(runs), "project_generator": project_generator(out_dir)}
     merge_json(json_path, data)
     write_text_atomic(a.doc, render(data))

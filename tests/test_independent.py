@@ -34,8 +34,19 @@ def test_summary_spread_and_paired_difference():
                                   "work_size": 128, "versions": {}, "command": "x", "started": "t",
                                   "machine": {"platform": "p", "cpus": 2, "load_avg_at_start": [1, 1, 1]}},
                        "summary": s})
-    assert "| TENT | 27.0 ± 2.6 (25.0-30.0) |" in text
+    assert "| TENT | 5 | 27.0 ± 2.6 (25.0-30.0) |" in text
     assert "| TENT | 5 | 64 | -5.0 (-6.0 to -4.0) | 2.6 | better |" in text
+
+
+def test_earlier_runs_of_the_same_protocol_are_kept():
+    cfg = {"kinds": ["a"], "frames_per_kind": 1, "work_size": 128, "threads": 1, "smoke": False,
+           "checkpoint": "c", "versions": {}, "machine": {}}
+    old = {"config": {**cfg, "command": "first"},
+           "runs": [_run("tent", 5, 64, 0, 0.3, {"a": 0.3}), _run("tent", 5, 8, 0, 0.4, {"a": 0.4}),
+                    {"method": "tent", "severity": 5, "batch": 4, "seed": 0, "failed": "x"}]}
+    kept = ind.earlier_runs(old, cfg, {("tent", 5, 64, 0)})
+    assert [r["batch"] for r in kept] == [8] and cfg["earlier_commands"] == ["first"]
+    assert ind.earlier_runs(old, {**cfg, "work_size": 32}, set()) == []  # another protocol: start afresh
 
 
 @needs_ic
@@ -60,10 +71,12 @@ def test_corruption_is_seeded_and_leaves_numpy_alone():
 def test_smoke_run_writes_report(tmp_path, monkeypatch):
     monkeypatch.setattr(ind, "CACHE", tmp_path / "cache")
     doc = tmp_path / "validation.md"
-    rc = ind.main(["--smoke", "--methods", "bn_adapt", "--out-dir", str(tmp_path), "--doc", str(doc)])
-    assert rc == 0
+    for method in ("source", "bn_adapt"):  # the second run adds to the first one's report
+        assert ind.main(["--smoke", "--methods", method, "--out-dir", str(tmp_path), "--doc", str(doc)]) == 0
     data = json.loads((tmp_path / "independent.json").read_text())
-    (run,) = data["runs"]
+    src, run = data["runs"]
+    assert src["method"] == "source" and data["config"]["methods"] == ["source", "bn_adapt"]
+    assert run["error"] <= src["error"] + 0.25  # batch statistics on 4 frames: not far off the source model
     assert run["method"] == "bn_adapt" and run["frames"] == 16 and 0 <= run["error"] <= 1
     assert list(run["error_per_domain"]) == list(ind.KINDS[:2])
     assert run["error"] == pytest.approx(np.mean(list(run["error_per_domain"].values())))
@@ -75,4 +88,5 @@ def test_smoke_run_writes_report(tmp_path, monkeypatch):
         clean, labels = fashion_mnist("test")
         assert np.array_equal(s["labels"], labels[s["source_index"]])
         assert not np.array_equal(s["images"], clean[s["source_index"]])
-    assert "| BN-adapt |" in doc.read_text()
+    text = doc.read_text()
+    assert "| BN-adapt | 5 |" in text and "| source | 5 |" in text and "Earlier command" in text
