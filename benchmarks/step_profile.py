@@ -104,6 +104,7 @@ class EngineProfile:
     portable_replacements: list[Share]  # the group of nodes named portable/*, by op type
     top_nodes: list[NodeTime]
     frozen_input_gradients: list[NodeTime]  # every node of that group
+    unpack_shifts: list[NodeTime]  # the first BitShift of every mask unpacking
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class ModelReport:
     profiles: dict[str, EngineProfile] = field(default_factory=dict)
     torch: TorchProfile | None = None
     micro: list[MicroResult] = field(default_factory=list)
+    unpack: list[UnpackResult] = field(default_factory=list)
     load_avg: list[float] = field(default_factory=list)
 
 
@@ -267,7 +269,8 @@ def summarize(engine: str, events: list[dict[str, Any]], warmup: int, steps: int
         groups=table(lambda n: group_of(n, meta[n][0])),
         portable_replacements=table(lambda n: meta[n][0] if n.startswith("portable/") else None),
         top_nodes=[row(n, t) for n, t in ranked[:TOP_NODES]],
-        frozen_input_gradients=[row(n, t) for n, t in ranked if n.endswith("ConvGrad_0_lean")])
+        frozen_input_gradients=[row(n, t) for n, t in ranked if n.endswith("ConvGrad_0_lean")],
+        unpack_shifts=[row(n, t) for n, t in ranked if meta[n][0] == "BitShift" and n.endswith(".high_node")])
 
 
 def profile_torch(ckpt: dict[str, Any], hyper: Any, frames: np.ndarray, warmup: int, steps: int,
@@ -318,37 +321,90 @@ def stride1_input_gradients(bundle_dir: Path, profile: EngineProfile) -> dict[tu
     return dict(found)
 
 
+def _one_graph_session(nodes: list[Any], x: np.ndarray, elem_type: int, consts: dict[str, np.ndarray],
+                       threads: int, prepacking: bool = False) -> Any:
+    """A session with edgetta's options on a graph of ``nodes`` from input "x" to output "y"."""
+    from onnx import helper, numpy_helper
+
+    from edgetta._ort import onnxruntime
+    graph = helper.make_graph(nodes, "micro", [helper.make_tensor_value_info("x", elem_type, list(x.shape))],
+                              [helper.make_tensor_value_info("y", 1, None)],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnxruntime().InferenceSession(model.SerializeToString(), _engine_options(threads, prepacking=prepacking),
+                                          providers=["CPUExecutionProvider"])
+
+
+def _race(sessions: dict[str, Any], x: np.ndarray, repeats: int) -> tuple[dict[str, float], float]:
+    """Median ms per run of each session (run in turn), and the largest difference of their outputs."""
+    outs = [s.run(None, {"x": x})[0] for s in sessions.values()]
+    times = _interleaved({k: (lambda s=s: s.run(None, {"x": x})) for k, s in sessions.items()}, 1, repeats)
+    diff = max(float(np.abs(o.astype(np.float64) - outs[0]).max()) for o in outs)
+    return {k: _median(t) for k, t in times.items()}, diff
+
+
 def conv_transpose_vs_conv(c_in: int, c_out: int, hw: tuple[int, int], batch: int, threads: int,
                            prepacking: bool, repeats: int, nodes: int = 1, step_ms: float = 0.0) -> MicroResult:
     """A frozen 3x3 stride-1 conv's input gradient two ways, each alone in a session with
     edgetta's settings: ConvTranspose(dY, W) and Conv(dY, W') with W' = W flipped in both
     spatial axes and its two channel axes swapped. Median ms of ``repeats`` runs each."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from edgetta._ort import onnxruntime
+    from onnx import TensorProto, helper
     rng = np.random.default_rng(0)
     w = rng.standard_normal((c_out, c_in, 3, 3)).astype(np.float32)
     dy = rng.standard_normal((batch, c_out, *hw)).astype(np.float32)
     flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    sessions = {op: _one_graph_session([helper.make_node(op, ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+                                       dy, TensorProto.FLOAT, {"w": weight}, threads, prepacking)
+                for op, weight in (("ConvTranspose", w), ("Conv", flipped))}
+    ms, diff = _race(sessions, dy, repeats)
+    return MicroResult(batch, c_in, c_out, list(hw), nodes, round(step_ms, 3), prepacking, round(ms["ConvTranspose"], 3),
+                       round(ms["Conv"], 3), round(ms["Conv"] / ms["ConvTranspose"], 3), diff)
 
-    def session(op: str, weight: np.ndarray) -> Any:
-        node = helper.make_node(op, ["dy", "w"], ["dx"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
-        graph = helper.make_graph(
-            [node], op, [helper.make_tensor_value_info("dy", TensorProto.FLOAT, list(dy.shape))],
-            [helper.make_tensor_value_info("dx", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "w")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        return onnxruntime().InferenceSession(model.SerializeToString(), _engine_options(threads, prepacking=prepacking),
-                                              providers=["CPUExecutionProvider"])
 
-    sessions = {"ConvTranspose": session("ConvTranspose", w), "Conv": session("Conv", flipped)}
-    outs = {op: s.run(None, {"dy": dy})[0] for op, s in sessions.items()}
-    times = _interleaved({op: (lambda s=s: s.run(None, {"dy": dy})) for op, s in sessions.items()}, 1, repeats)
-    results = {op: _median(t) for op, t in times.items()}
-    return MicroResult(batch, c_in, c_out, list(hw), nodes, round(step_ms, 3), prepacking, round(results["ConvTranspose"], 3),
-                       round(results["Conv"], 3), round(results["Conv"] / results["ConvTranspose"], 3),
-                       float(np.abs(outs["Conv"] - outs["ConvTranspose"]).max()))
+@dataclass(frozen=True)
+class UnpackResult:
+    """Unpacking one bit-packed ReLU mask (batch, bytes) to float 0/1 (batch, 8 * bytes)."""
+    batch: int
+    mask_bytes: int               # per sample
+    masks_in_graph: int           # unpackings of this size in the profiled training-engine step
+    bitshift_ms: float            # lean's chain: Reshape, BitShift left, BitShift right, Cast
+    gather_ms: float              # one Gather from a 256 x 8 float table
+    gather_over_bitshift: float
+    max_abs_diff: float
+
+
+def unpack_bitshift_vs_gather(batch: int, mask_bytes: int, threads: int, repeats: int, count: int = 1) -> UnpackResult:
+    """The lean graph's unpacking of a packed mask (for masks taken in NCHW order) against a
+    Gather of each byte's row of a constant 256 x 8 table of its bits, as 0.0/1.0 (after a Cast
+    of the bytes to int32 indices)."""
+    from onnx import TensorProto, helper
+    bits = np.random.default_rng(0).integers(0, 256, (batch, mask_bytes), dtype=np.uint8)
+    table = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.float32)
+    chain = [helper.make_node("Reshape", ["x", "rows"], ["b"]),
+             helper.make_node("BitShift", ["b", "left"], ["h"], direction="LEFT"),
+             helper.make_node("BitShift", ["h", "right"], ["u"], direction="RIGHT"),
+             helper.make_node("Cast", ["u"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["f", "flat"], ["y"])]
+    lookup = [helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT32),  # Gather's indices are int32/int64
+              helper.make_node("Gather", ["table", "i"], ["g"], axis=0), helper.make_node("Reshape", ["g", "flat"], ["y"])]
+    flat = np.array([batch, -1], np.int64)
+    sessions = {
+        "bitshift": _one_graph_session(chain, bits, TensorProto.UINT8, {
+            "rows": np.array([batch, -1, 1], np.int64), "left": (7 - np.arange(8)).reshape(1, 8).astype(np.uint8),
+            "right": np.array(7, np.uint8), "flat": flat}, threads),
+        "gather": _one_graph_session(lookup, bits, TensorProto.UINT8, {"table": table, "flat": flat}, threads)}
+    ms, diff = _race(sessions, bits, repeats)
+    return UnpackResult(batch, mask_bytes, count, round(ms["bitshift"], 3), round(ms["gather"], 3),
+                        round(ms["gather"] / ms["bitshift"], 3), diff)
+
+
+def unpack_sizes(profile: EngineProfile) -> dict[int, int]:
+    """Bytes per sample of every packed mask the profiled step unpacked -> how many."""
+    sizes: dict[int, int] = defaultdict(int)
+    for node in profile.unpack_shifts:
+        sizes[node.input_shapes[0][1]] += 1
+    return dict(sizes)
 
 
 def model_bundle(model: str) -> tuple[dict[str, Any], Path]:
@@ -423,6 +479,8 @@ def run(models: Sequence[str], batch: int, warmup: int, steps: int, threads: int
                 for prepacking in (False, True):
                     r.micro.append(conv_transpose_vs_conv(c_in, c_out, (h, w), batch, threads, prepacking,
                                                           micro_repeats, len(names), sum(node_ms[n] for n in names)))
+            for size, count in sorted(unpack_sizes(profile).items()):
+                r.unpack.append(unpack_bitshift_vs_gather(batch, size, threads, micro_repeats, count))
             r.load_avg.append(round(os.getloadavg()[0], 2))
     return [reports[m] for m in models]
 
@@ -516,6 +574,17 @@ def _reading(m: dict[str, Any]) -> list[str]:
                      f"the profiled step ({alone:.0f} ms of the step's {ct:.0f} ms of ConvTranspose), that "
                      f"would change the step by {-saved:+.0f} ms, before any reorders a Conv adds in the "
                      "whole graph.")
+    unpack = m.get("unpack") or []
+    if unpack:
+        group = _group(tr, "ReLU mask unpacking")
+        saved = sum(r["masks_in_graph"] * (r["bitshift_ms"] - r["gather_ms"]) for r in unpack)
+        chain = sum(r["masks_in_graph"] * r["bitshift_ms"] for r in unpack)
+        lines.append(f"- Micro-benchmark, mask unpacking: one Gather from a 256 x 8 table takes "
+                     + ", ".join(f"{r['gather_over_bitshift']:.2f}x" for r in unpack)
+                     + f" the time of lean's BitShift chain on the mask sizes below; over the step's "
+                     f"{sum(r['masks_in_graph'] for r in unpack)} unpackings that is {saved:+.0f} ms of the chain's "
+                     f"{chain:.0f} ms measured alone (the profiled unpacking group: {group['ms_per_step']:.0f} ms "
+                     "per step, including the NHWC masks' byte transposes, which this does not measure).")
     return lines
 
 
@@ -589,6 +658,17 @@ def render(report: dict[str, Any]) -> str:
             out += [f"| {r['c_in']} | {r['c_out']} | {r['hw'][0]}x{r['hw'][1]} | {r['nodes_in_graph']} | {r['step_ms']:.1f} | "
                     f"{'on' if r['prepacking'] else 'off'} | {r['conv_transpose_ms']:.2f} | {r['conv_ms']:.2f} | "
                     f"{r['conv_over_conv_transpose']:.2f} | {r['max_abs_diff']:.1e} |" for r in m["micro"]]
+            out.append("")
+        if m.get("unpack"):
+            out += ["### Micro-benchmark: unpacking a bit-packed ReLU mask, BitShift chain vs Gather", "",
+                    "(batch, bytes) uint8 to (batch, 8 x bytes) float 0/1, alone in a session with edgetta's "
+                    "options and one thread: lean's chain for NCHW masks (Reshape, BitShift left by 7-k, "
+                    "BitShift right by 7, Cast, Reshape) against Cast to int32, Gather from a 256 x 8 float "
+                    "table, Reshape. `masks` is how many unpackings of that size one profiled step ran.", "",
+                    "| bytes / sample | masks | BitShift chain ms | Gather ms | Gather / chain | max abs diff |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {r['mask_bytes']} | {r['masks_in_graph']} | {r['bitshift_ms']:.2f} | {r['gather_ms']:.2f} | "
+                    f"{r['gather_over_bitshift']:.2f} | {r['max_abs_diff']:.1e} |" for r in m["unpack"]]
             out.append("")
     return "\n".join(out)
 

@@ -60,10 +60,18 @@ def test_report_and_document(report):
     text = step_profile.render(data)
     assert "## wrn16_1, batch 8" in text
     assert "training engine: groups" in text and "EcoTTA in PyTorch: ops by self CPU time" in text
-    assert "Micro-benchmark" in text and "Upper bounds" in text
+    assert "Micro-benchmark" in text and "Upper bounds" in text and "BitShift chain vs Gather" in text
 
 
 def test_summarize_refuses_a_profile_with_other_runs():
     events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 10}]
     with pytest.raises(RuntimeError, match="1 runs, expected 3"):
         step_profile.summarize("onnx", events, warmup=1, steps=2, step_ms=[1.0, 1.0])
+
+
+def test_unpack_micro_benchmark_gives_the_same_mask(report):
+    assert report.unpack, "the tiny model's lean graph unpacks bit-packed masks"
+    assert sum(r.masks_in_graph for r in report.unpack) == len(report.profiles["ort-training"].unpack_shifts)
+    for r in report.unpack:
+        assert r.bitshift_ms > 0 and r.gather_ms > 0
+        assert r.max_abs_diff == 0.0  # both give exactly 0.0 / 1.0
