@@ -740,7 +740,7 @@ def markdown(data: dict[str, Any], fig_dir: str) -> str:
     lines += diagnosis_lines(data.get("diagnosis"))
     commands = sorted({methods[m].get("command", cfg["command"]) for m in order})
     lines += ["", "Runs (each row is reproduced by the command that wrote it):", ""]
-    lines += [f"- `{c}`: " + ", ".join(label(m) for m in order if methods[m].get("command", cfg["command"]) == c)
+    lines += [f"- `{c.strip()}`: " + ", ".join(label(m) for m in order if methods[m].get("command", cfg["command"]) == c)
               for c in commands]
     notes = sorted({n for m in order for n in methods[m].get("notes", [])})
     if notes:
