@@ -602,9 +602,17 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     cfg = data["config"]
     written = []
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    adapting = [100 * r["error"] for m in order if m != "source" for r in methods[m]["rounds"]]
+    top = max(adapting, default=100.0) + 1.0  # source sits far above: named in the legend instead
     for m in order:
         rs = methods[m]["rounds"]
-        ax.plot([r["round"] for r in rs], [100 * r["error"] for r in rs], marker="o", ms=3, **_style(m, variants))
+        style = _style(m, variants)
+        errs = [100 * r["error"] for r in rs]
+        if errs and min(errs) > top:
+            style["label"] += f" ({min(errs):.1f}-{max(errs):.1f}%, off the scale)"
+        ax.plot([r["round"] for r in rs], errs, marker="o", ms=3, **style)
+    if adapting:
+        ax.set_ylim(min(adapting) - 0.5, top)
     ax.set_xlabel("round (one pass over the 15-corruption stream, no reset)")
     ax.set_ylabel("error on the stream, %")
     ax.set_title(f"Long-term continual adaptation: {cfg['frames_per_round']} frames per round, batch {cfg['batch']}")
