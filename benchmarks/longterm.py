@@ -131,21 +131,15 @@ class EdgettaRunner:
     def __init__(self, bundle: Path, threads: int, lr: float | None = None, anchor: float | None = None):
         from edgetta import Adapter
         self.notes: list[str] = []
-        self.adapter = Adapter.load(bundle, threads=threads, lr=lr)
+        self.adapter = Adapter.load(bundle, threads=threads, lr=lr, anchor=anchor or 0.0)
         self.trainable = list(self.adapter.bundle.manifest.trainable)
         self.start = self.adapter.meta_state()
-        self.anchor = anchor
         self.losses: list[float] = []
         self.snapshot = CACHE / "longterm" / f"snapshot-{os.getpid()}.npz"
 
     def step(self, frames: np.ndarray) -> np.ndarray:
         logits = self.adapter.step(frames)
         self.losses.append(self.adapter.last_loss)
-        if self.anchor:
-            engine = self.adapter.runner
-            keep = 1.0 - self.anchor
-            engine.set_params({n: self.start[n] + keep * (p - self.start[n]) for n, p in engine.params().items()},
-                              engine.velocity())
         return logits
 
     def predict(self, frames: np.ndarray) -> np.ndarray:

@@ -33,11 +33,16 @@ class Adapter:
     "ort-training" or "onnx". ``provider``: "cpu", "cuda" or "auto" (CUDA where available).
     ``threads``: onnxruntime's intra-op threads (None: onnxruntime's default, all cores).
     ``memory_arena`` and ``prepacking``: onnxruntime allocator settings, off by default
-    (docs/memory.md). ``lr`` and ``momentum`` override the bundle's."""
+    (docs/memory.md). ``lr`` and ``momentum`` override the bundle's. ``anchor`` (rho, off at 0):
+    after every step the meta parameters are pulled back toward the warmed-up state,
+    theta <- theta0 + (1 - rho) (theta - theta0), which stops their drift over long runs
+    (docs/longterm.md); it costs no memory, theta0 is kept for ``reset`` anyway."""
 
     def __init__(self, bundle: Bundle, provider: str = "cpu", lr: float | None = None,
                  momentum: float | None = None, memory_arena: bool = False, engine: str = "auto",
-                 threads: int | None = None, prepacking: bool = False):
+                 threads: int | None = None, prepacking: bool = False, anchor: float = 0.0):
+        if not (np.isfinite(anchor) and 0 <= anchor < 1):
+            raise ValueError(f"anchor must be in [0, 1), got {anchor}")
         if lr is not None and not (np.isfinite(lr) and 0 < lr <= 1):
             raise ValueError(f"lr must be in (0, 1], got {lr}")
         if momentum is not None and not 0 <= momentum < 1:
@@ -50,6 +55,7 @@ class Adapter:
         self.engine: str = self.runner.name
         self.provider: str = self.runner.provider
         self.threads = threads
+        self.anchor = float(anchor)
         self.lr = m.adaptation.lr if lr is None else float(lr)
         self.momentum = m.adaptation.momentum if momentum is None else float(momentum)
         self.bn_momentum = m.adaptation.bn_momentum
@@ -65,10 +71,11 @@ class Adapter:
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike, engine: str = "auto", provider: str = "cpu",
              threads: int | None = None, memory_arena: bool = False, prepacking: bool = False,
-             lr: float | None = None, momentum: float | None = None) -> "Adapter":
+             lr: float | None = None, momentum: float | None = None, anchor: float = 0.0) -> "Adapter":
         """Open and verify a bundle (its manifest hash and every file's sha256), then load it."""
         return cls(Bundle.open(bundle_dir), provider=provider, lr=lr, momentum=momentum,
-                   memory_arena=memory_arena, engine=engine, threads=threads, prepacking=prepacking)
+                   memory_arena=memory_arena, engine=engine, threads=threads, prepacking=prepacking,
+                   anchor=anchor)
 
     @property
     def class_names(self) -> list[str]:
@@ -101,6 +108,10 @@ class Adapter:
         m = self.bn_momentum
         for out_name, stat in self._stat_of.items():
             self._stats[stat] = (1 - m) * self._stats[stat] + m * result.batch_stats[out_name]
+        if self.anchor:
+            start, keep = self._initial[0], 1.0 - self.anchor
+            self.runner.set_params({n: start[n] + keep * (p - start[n]) for n, p in self.runner.params().items()},
+                                   self.runner.velocity())
         self.steps += 1
         self.last_loss = result.loss
         return result.logits

@@ -101,7 +101,7 @@ def cmd_adapt(a: argparse.Namespace) -> int:
         if a.batch < 1 or (a.limit is not None and a.limit < 1):
             raise ValueError("--batch and --limit must be at least 1")
         adapter = Adapter.load(a.bundle, engine=a.engine, provider=a.provider, lr=a.lr,
-                               threads=a.threads)
+                               threads=a.threads, anchor=a.anchor)
     except (EdgettaError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=int, default=64)
     d.add_argument("--limit", type=int, default=None, help="use the first N frames")
     d.add_argument("--lr", type=float, default=None, help="override the bundle's learning rate")
+    d.add_argument("--anchor", type=float, default=0.0,
+                   help="pull the meta parameters back toward the warmed-up state by this share "
+                        "after every step (0: off; docs/longterm.md)")
     add_engine_options(d)
     d.add_argument("--json", action="store_true", help="print a JSON report")
     d.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -349,3 +349,18 @@ print(json.dumps(dict(engine=a.engine, torch='torch' in sys.modules)))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"engine": "ort-training", "torch": False}
+
+
+def test_anchor_pulls_the_meta_parameters_back_toward_the_warmed_up_state(tiny_bundle, corrupted_frames):
+    images, _ = corrupted_frames
+    free, anchored = Adapter.load(tiny_bundle), Adapter.load(tiny_bundle, anchor=0.25)
+    start = free.meta_state()
+    names = list(free.runner.params())
+    np.testing.assert_array_equal(free.step(images[:16]), anchored.step(images[:16]))
+    # first step from the start: anchored = start + 0.75 (free - start), for every parameter
+    for n in names:
+        moved = free.meta_state()[n] - start[n]
+        np.testing.assert_allclose(anchored.meta_state()[n] - start[n], 0.75 * moved, rtol=1e-5, atol=1e-7)
+    assert any(np.abs(free.meta_state()[n] - start[n]).max() > 0 for n in names)
+    with pytest.raises(ValueError, match="anchor"):
+        Adapter.load(tiny_bundle, anchor=1.0)
