@@ -573,7 +573,9 @@ def _reading(m: dict[str, Any]) -> list[str]:
                      + " the ConvTranspose time on the shapes below; applied to what those nodes took in "
                      f"the profiled step ({alone:.0f} ms of the step's {ct:.0f} ms of ConvTranspose), that "
                      f"would change the step by {-saved:+.0f} ms, before any reorders a Conv adds in the "
-                     "whole graph.")
+                     f"whole graph. The flipped copies of those weights would add "
+                     f"{sum(r['nodes_in_graph'] * r['c_in'] * r['c_out'] * 9 * 4 for r in micro) / 2**20:.1f} MiB "
+                     "(dense float32) unless the forward Conv's copy is dropped (item 2).")
     unpack = m.get("unpack") or []
     if unpack:
         group = _group(tr, "ReLU mask unpacking")
@@ -582,9 +584,18 @@ def _reading(m: dict[str, Any]) -> list[str]:
         lines.append(f"- Micro-benchmark, mask unpacking: one Gather from a 256 x 8 table takes "
                      + ", ".join(f"{r['gather_over_bitshift']:.2f}x" for r in unpack)
                      + f" the time of lean's BitShift chain on the mask sizes below; over the step's "
-                     f"{sum(r['masks_in_graph'] for r in unpack)} unpackings that is {saved:+.0f} ms of the chain's "
-                     f"{chain:.0f} ms measured alone (the profiled unpacking group: {group['ms_per_step']:.0f} ms "
-                     "per step, including the NHWC masks' byte transposes, which this does not measure).")
+                     f"{sum(r['masks_in_graph'] for r in unpack)} unpackings it would save about {saved:.0f} ms of "
+                     f"the chain's {chain:.0f} ms measured alone (the profiled unpacking group: "
+                     f"{group['ms_per_step']:.0f} ms per step, including the NHWC masks' byte transposes, which "
+                     "this does not measure).")
+    if micro and unpack and UNPINNED in ms:
+        both = (sum(r["step_ms"] * (1 - r["conv_over_conv_transpose"]) for r in micro)
+                + sum(r["masks_in_graph"] * (r["bitshift_ms"] - r["gather_ms"]) for r in unpack))
+        gap = ms[UNPINNED] - ms["ecotta_torch"]
+        against = (f"against a gap to PyTorch of {gap:.0f} ms ({both / gap:.0%} of it; the two figures come from "
+                   "different phases of one run)" if gap > 0 else "(the training engine is already no slower than "
+                   "PyTorch here)")
+        lines.append(f"- Both measured candidates together: about {both:.0f} ms per step, {against}.")
     return lines
 
 
@@ -688,7 +699,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-micro", action="store_true", help="skip the ConvTranspose-vs-Conv micro-benchmark")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--doc", type=Path, default=DOC, help="markdown written from the report")
+    p.add_argument("--render-only", action="store_true", help="only write --doc from the existing --out report")
     a = p.parse_args(argv)
+    if a.render_only:
+        write_text_atomic(a.doc, render(json.loads(a.out.read_text())) + "\n")
+        print(f"wrote {a.doc}")
+        return 0
     command = "python -m benchmarks.step_profile " + " ".join(argv if argv is not None else sys.argv[1:])
     reports = run(a.models, a.batch, a.warmup, a.steps, a.threads, torch_on=not a.no_torch,
                   settings_on=not a.no_settings, micro_on=not a.no_micro, micro_repeats=a.micro_repeats)
