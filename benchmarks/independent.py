@@ -345,6 +345,16 @@ def render(data: dict[str, Any]) -> str:
                  "beat both baselines by more than the seed spread everywhere."
                  if wins < len(verdict_rows) else
                  "It beats both baselines by more than the seed spread in every setting measured here."), ""]
+        for other in ("bn_adapt", "tent"):
+            a, b = (summary.get(m, {}).get(top_sev, {}).get(top_b) for m in ("edgetta", other))
+            if a is None or b is None:
+                continue
+            diff = sorted((a["per_kind"][k]["mean"] - b["per_kind"][k]["mean"], k) for k in a["per_kind"])
+            gains = ", ".join(f"{k.replace('_', ' ')} {100 * d:+.1f}" for d, k in diff if d < 0)
+            losses = ", ".join(f"{k.replace('_', ' ')} {100 * d:+.1f}" for d, k in reversed(diff) if d > 0)
+            L.append(f"Per kind against {spec(other).short} (severity {top_sev}, batch {top_b}, mean over seeds, "
+                     f"points): edgetta gains on {gains or 'none'}; loses on {losses or 'none'}.")
+            L.append("")
     return "\n".join(L) + "\n"
 
 
