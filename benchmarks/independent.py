@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = export_cached_bundle(checkpoint.load(ckpt_path), "default") if "edgetta" in a.methods else None
 
     from importlib.metadata import version
-    command = "python -m benchmarks.independent " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = ("python -m benchmarks.independent " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
     config = {"command": command, "methods": a.methods, "kinds": list(a.kinds), "dropped": DROPPED,
               "frames_per_kind": a.frames_per_kind, "severities": a.severities, "batches": a.batches,
               "seeds": a.seeds, "work_size": a.work_size, "threads": a.threads, "smoke": a.smoke,
