@@ -254,7 +254,7 @@ def render(data: dict[str, Any]) -> str:
          "needs the system's libGL: `pip install --no-deps imagecorruptions==1.1.2 scikit-image` avoids it). "
          "setuptools 81+ no longer ships `pkg_resources`, which the package's frost imports; the script "
          "registers a one-function stand-in (`resource_filename`) when it is missing.", "",
-         *(f"Earlier command (its runs that the last one did not repeat are kept): `{c}`  "
+         *(f"Earlier command (its runs that the last one did not repeat are kept): `{c.strip()}`  "
            for c in cfg.get("earlier_commands", [])),
          f"Command: `{cfg['command']}`  ", f"Machine: {cfg['machine']['platform']}, {cfg['machine']['cpus']} CPUs, "
          f"load average at start {', '.join(f'{x:.1f}' for x in cfg['machine']['load_avg_at_start'])}"
@@ -265,8 +265,8 @@ def render(data: dict[str, Any]) -> str:
           "|---|---|" + "---|" * len(batches)]
     for s in sevs:
         for m in methods:
-            L.append(f"| {spec(m).short} | {s} | " + " | ".join(_cell(summary[m].get(s, {}).get(b))
-                                                             for b in batches) + " |")
+            if s in summary[m]:
+                L.append(f"| {spec(m).short} | {s} | " + " | ".join(_cell(summary[m][s].get(b)) for b in batches) + " |")
     L.append("")
     top_sev, top_b = sevs[-1], max(batches, key=int)
     kinds = cfg["kinds"]
@@ -305,7 +305,7 @@ def render(data: dict[str, Any]) -> str:
               "| method | severity | " + " | ".join(f"batch {b}" for b in batches) + " |",
               "|---|---|" + "---|" * len(batches)]
         for s in sevs:
-            for m in [m for m in methods if m != "source"]:
+            for m in [m for m in methods if m != "source" and s in summary[m]]:
                 cells = []
                 for b in batches:
                     r, src = summary[m].get(s, {}).get(b), summary["source"].get(s, {}).get(b)
