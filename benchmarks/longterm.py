@@ -595,7 +595,7 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     variants = [m for m in order if m not in METHODS]
     cfg = data["config"]
     written = []
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     adapting = [100 * r["error"] for m in order if m != "source" for r in methods[m]["rounds"]]
     top = max(adapting, default=100.0) + 1.0  # source sits far above: named in the legend instead
     for m in order:
@@ -611,13 +611,13 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("error on the stream, %")
     ax.set_title(f"Long-term continual adaptation: {cfg['frames_per_round']} frames per round, batch {cfg['batch']}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden
     fig.tight_layout()
     written.append(out_dir / "longterm_error.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=True)
     for ax, batch_stats in zip(axes, (False, True)):
         for m in order:
             pts = clean_points(methods[m], batch_stats)
@@ -627,14 +627,14 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
                      else "every BatchNorm on the clean batch's statistics", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"error on {cfg['clean_frames']} clean test images, %")
-    axes[1].legend(fontsize=8, ncol=2)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Forgetting: adapted state, no update", fontsize=11)
     fig.tight_layout()
     written.append(out_dir / "longterm_clean.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     for m in order:
         rs = methods[m]["rounds"]
         axes[0].plot([r["round"] for r in rs], [r["peak_rss_mib"] for r in rs], marker="o", ms=3, **_style(m, variants))
@@ -647,7 +647,8 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     for ax in axes:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    # the left panel has every method (the right one only those that train): its handles name them all
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     written.append(out_dir / "longterm_rss_distance.png")
     fig.savefig(written[-1], dpi=110)
