@@ -67,7 +67,8 @@ class _Obj:
             raise BundleError(f"manifest: {where or 'top level'} must be an object, got {_kind(data)}")
         self.data, self.where = data, where
 
-    def _get(self, key: str, default: Any) -> Any:
+    def get(self, key: str, default: Any) -> Any:
+        """The raw value at ``key``; a missing key is ``default``, or an error where there is none."""
         if key in self.data:
             return self.data[key]
         if default is _MISSING:
@@ -82,7 +83,7 @@ class _Obj:
 
     def num(self, key: str, lo: float, hi: float, *, lo_open: bool = False, integer: bool = False,
             default: Any = _MISSING) -> Any:
-        v = self._get(key, default)
+        v = self.get(key, default)
         if v is default and default is not _MISSING:
             return v
         ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
@@ -95,7 +96,7 @@ class _Obj:
 
     def text(self, key: str, choices: tuple[str, ...] | None = None, default: Any = _MISSING,
              max_len: int = 4096) -> Any:
-        v = self._get(key, default)
+        v = self.get(key, default)
         if v is default and default is not _MISSING:
             return v
         if not isinstance(v, str) or len(v) > max_len or (choices and v not in choices):
@@ -103,12 +104,12 @@ class _Obj:
         return v
 
     def obj(self, key: str, optional: bool = False) -> "_Obj | None":
-        v = self._get(key, None if optional else _MISSING)
+        v = self.get(key, None if optional else _MISSING)
         return None if v is None else _Obj(v, self._at(key))
 
     def names(self, key: str, *, min_len: int = 0, max_len: int = 1 << 20,
               default: Any = _MISSING, unique: bool = True) -> tuple[str, ...]:
-        v = self._get(key, default)
+        v = self.get(key, default)
         if not isinstance(v, list) or not min_len <= len(v) <= max_len or not all(
                 isinstance(s, str) and 0 < len(s) <= 4096 for s in v):
             raise self.fail(key, f"a list of {min_len} or more non-empty strings", v)
@@ -117,7 +118,7 @@ class _Obj:
         return tuple(v)
 
     def floats(self, key: str, n: int, lo: float, hi: float, lo_open: bool = False) -> tuple[float, ...]:
-        v = self._get(key, _MISSING)
+        v = self.get(key, _MISSING)
         if not isinstance(v, list) or len(v) != n:
             raise self.fail(key, f"a list of {n} numbers", v)
         item = _Obj({str(i): x for i, x in enumerate(v)}, self._at(key))
@@ -125,7 +126,7 @@ class _Obj:
 
     def info(self, key: str) -> dict[str, Any]:
         """A free-form object kept for people (the device reads nothing in it)."""
-        v = self._get(key, {})
+        v = self.get(key, {})
         return dict(_Obj({} if v is None else v, self._at(key)).data)
 
 
@@ -265,7 +266,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any) -> "Manifest":
         top = _Obj(data, "")
-        schema = top._get("schema_version", None)
+        schema = top.get("schema_version", None)
         if schema != SUPPORTED_SCHEMA or isinstance(schema, bool):
             raise BundleError(f"manifest schema {_show(schema)} is not supported (this edgetta reads "
                               f"schema {SUPPORTED_SCHEMA}): export the bundle again with this version")
@@ -291,7 +292,7 @@ class Manifest:
         if len(set(running.values())) != len(running) or set(running.values()) != set(stats):
             raise BundleError("manifest: running_stats must map one batch statistic to each of "
                               "frozen.meta_running_stats")
-        meta_init = check_relative_path(top._get("meta_init", "meta_init.npz"), "meta_init")
+        meta_init = check_relative_path(top.get("meta_init", "meta_init.npz"), "meta_init")
         named = graphs.files() + [("meta_init", meta_init)]
         for where, name in named:
             if name not in files:
@@ -357,14 +358,14 @@ def _graphs(obj: _Obj) -> Graphs:
                          o.names("inputs", default=[]), o.names("outputs", default=[]))
     inf = spec(obj.obj("inference"))
     tr = obj.obj("training")
-    opt = tr._get("optimizer", None)
+    opt = tr.get("optimizer", None)
     training = TrainingGraphSpec(
         check_relative_path(tr.text("file"), "graphs.training.file"),
         check_relative_path(tr.text("checkpoint"), "graphs.training.checkpoint"),
         None if opt is None else check_relative_path(opt, "graphs.training.optimizer"),
         tr.names("outputs", default=[]))
     ps = obj.obj("portable_step", optional=True)
-    facts = obj._get("facts", None)
+    facts = obj.get("facts", None)
     return Graphs(inf, training, None if ps is None else spec(ps),
                   None if facts is None else check_relative_path(facts, "graphs.facts"))
 
