@@ -39,7 +39,7 @@ import onnxruntime as ort
 ort.set_default_logger_severity(3)
 opts = session_options(prepacking=prepack)
 if kind == "module":
-    from edgetta._ort import training_api  # onnxruntime.training.api without torch
+    from edgetta.ort import training_api  # onnxruntime.training.api without torch
     api = training_api()
     before = rss()
     state = api.CheckpointState.load_checkpoint(path + "/checkpoint")

@@ -54,7 +54,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, continual_stream, run_cli
-from edgetta.system import peak_rss_bytes, reset_peak_rss, rss_bytes, write_text_atomic
+from edgetta.system import atomic_write, peak_rss_bytes, reset_peak_rss, rss_bytes, write_text_atomic
 
 log = logging.getLogger("benchmarks.longterm")
 
@@ -226,9 +226,8 @@ def clean_subset(n: int, seed: int = 0) -> Path:
     if not path.exists():
         images, labels = datasets.fashion_mnist("test")
         idx = np.random.default_rng(seed).permutation(len(images))[-n:]
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, images=images[idx], labels=labels[idx].astype(np.int64), source_index=idx)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            np.savez(f, images=images[idx], labels=labels[idx].astype(np.int64), source_index=idx)
     return path
 
 

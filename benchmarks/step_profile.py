@@ -326,7 +326,7 @@ def _one_graph_session(nodes: list[Any], x: np.ndarray, elem_type: int, consts: 
     """A session with edgetta's options on a graph of ``nodes`` from input "x" to output "y"."""
     from onnx import helper, numpy_helper
 
-    from edgetta._ort import onnxruntime
+    from edgetta.ort import onnxruntime
     graph = helper.make_graph(nodes, "micro", [helper.make_tensor_value_info("x", elem_type, list(x.shape))],
                               [helper.make_tensor_value_info("y", 1, None)],
                               [numpy_helper.from_array(v, k) for k, v in consts.items()])

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 from . import manifest as names
-from ._ort import has_training_api, onnxruntime, training_api
+from .ort import has_training_api, onnxruntime, training_api
 from .bundle import Bundle
 from .errors import BundleError, EngineUnavailable
 

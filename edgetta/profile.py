@@ -104,7 +104,7 @@ def _onnx():
 def _probe(model, feeds_for_batch, batches=(1, 2)) -> dict[str, TensorInfo]:
     """Run the graph with every intermediate tensor exposed, at two batch sizes."""
     onnx = _onnx()
-    from ._ort import onnxruntime
+    from .ort import onnxruntime
     ort = onnxruntime()
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -155,7 +155,7 @@ def _frames(bundle: Bundle, batch: int) -> np.ndarray:
 def training_facts(bundle: Bundle) -> GraphFacts:
     """Facts of the onnxruntime-training graph (host side: needs onnx and onnxruntime-training)."""
     onnx = _onnx()
-    from ._ort import training_api
+    from .ort import training_api
     g = bundle.manifest.graphs.training
     model = onnx.load(str(bundle.file(g.file)))
     state = training_api().CheckpointState.load_checkpoint(str(bundle.file(g.checkpoint)))
