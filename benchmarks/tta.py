@@ -231,17 +231,42 @@ class CoTTA(Method):
 
 
 class EcoTTATorch(GradientMethod):
+    """EcoTTA as the device runs it. The meta BatchNorms' running statistics move once per step,
+    as the device loop moves them: the regularizer recomputes every meta network in train mode
+    on the same inputs, and without a guard that second forward would move them again (an
+    effective momentum of 1 - (1 - m)^2). ``anchor`` (rho, 0: off) is the device's
+    ``Adapter(anchor=rho)``: after every step theta <- theta0 + (1 - rho) (theta - theta0)."""
     name = "ecotta_torch"
 
     def __init__(self, ckpt: dict[str, Any], lr: float = 0.005, momentum: float = 0.9,
-                 lam: float = 0.5, e0: float | None = None):
+                 lam: float = 0.5, e0: float | None = None, anchor: float = 0.0):
         self.model = build_model(ckpt).train()
-        self.lam, self.e0 = lam, e0
+        self.lam, self.e0, self.anchor = lam, e0, float(anchor)
         self.optimizer = torch.optim.SGD(self.model.meta_parameters(), lr=lr, momentum=momentum)
+        self.start = [p.detach().clone() for p in self.model.meta_parameters()]
+        self._bn_momentum = {bn: bn.momentum for bn in self.model.metas.modules() if isinstance(bn, nn.BatchNorm2d)}
+        self._moved: set[nn.Module] = set()
+        for bn in self._bn_momentum:
+            bn.register_forward_pre_hook(self._one_update_per_step)
+
+    def _one_update_per_step(self, bn: nn.Module, args: Any) -> None:
+        """The first forward of a meta BatchNorm in a step moves its running statistics; later
+        ones (the regularizer's recomputation) run with momentum 0, which leaves them as they are."""
+        bn.momentum = 0.0 if bn in self._moved else self._bn_momentum[bn]
+        self._moved.add(bn)
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._moved = set()
         loss, logits, _, _ = ecotta_loss(self.model, x, self.lam, self.e0)
         return loss, logits
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().step(x)
+        if self.anchor:
+            with torch.no_grad():
+                for p, p0 in zip(self.model.meta_parameters(), self.start):
+                    p.copy_(p0 + (1.0 - self.anchor) * (p - p0))
+        return logits
 
 
 class SourceMeta(Source):

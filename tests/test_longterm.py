@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -50,3 +51,51 @@ def test_longterm_smoke(tmp_path):
         assert (out / name).stat().st_size > 0, name
     md = (out / "longterm.md").read_text()
     assert "| edgetta |" in md and "lambda=0" in md and "TENT" in md
+
+
+def _device_and_torch(tiny_ckpt, tiny_bundle, anchor, steps=3):
+    """The device loop and EcoTTA in PyTorch after the same ``steps`` batches of random frames:
+    (the device's meta state, the PyTorch model's state dict under the device's names)."""
+    import numpy as np
+    import torch
+    from benchmarks.tta import EcoTTATorch
+    from edgetta import Adapter
+    from edgetta_export.train import to_tensor
+    torch.manual_seed(0)
+    adapter = Adapter.load(tiny_bundle, threads=1, anchor=anchor)
+    a = adapter.bundle.manifest.adaptation
+    norm = tiny_ckpt["normalization"]
+    method = EcoTTATorch(tiny_ckpt, lr=a.lr, momentum=a.momentum, anchor=anchor)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        frames = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+        adapter.step(frames)
+        method.step(to_tensor(frames, norm["mean"], norm["std"]))
+    torch_state = {"model." + k: v.numpy() for k, v in method.model.state_dict().items()}
+    return adapter.meta_state(), torch_state
+
+
+def test_ecotta_torch_moves_running_statistics_once_per_step(tiny_ckpt, tiny_bundle):
+    """The regularizer recomputes each meta network in train mode; the running statistics must
+    still move once per step, as on the device (they moved twice: momentum 0.19 for 0.1)."""
+    import numpy as np
+    device, torch_state = _device_and_torch(tiny_ckpt, tiny_bundle, anchor=0.0)
+    stats = [n for n in device if "running_" in n]
+    assert stats
+    start = {"model.metas." + k: v.numpy() for k, v in tiny_ckpt["meta_state_dict"].items()}
+    for n in stats:
+        assert not np.allclose(device[n], start[n])  # they moved
+        np.testing.assert_allclose(torch_state[n], device[n], rtol=1e-4, atol=1e-5, err_msg=n)
+
+
+@pytest.mark.slow  # two device loops and two PyTorch models: about 20 s here
+def test_ecotta_torch_anchor_is_the_device_anchor(tiny_ckpt, tiny_bundle):
+    """``EcoTTATorch(anchor=rho)`` pulls the meta parameters back as ``Adapter(anchor=rho)`` does,
+    so the selection grid may use it as the device's proxy."""
+    import numpy as np
+    free, _ = _device_and_torch(tiny_ckpt, tiny_bundle, anchor=0.0)
+    device, torch_state = _device_and_torch(tiny_ckpt, tiny_bundle, anchor=0.3)
+    trainable = [n for n in device if "running_" not in n]
+    assert any(not np.allclose(device[n], free[n]) for n in trainable)  # rho = 0.3 changes the state
+    for n in trainable:
+        np.testing.assert_allclose(torch_state[n], device[n], rtol=1e-4, atol=1e-5, err_msg=n)
