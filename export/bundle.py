@@ -37,7 +37,7 @@ from edgetta import manifest as contract
 from edgetta.bundle import sha256_file
 
 from .ecotta import EcoTTAModel, loss_from_features
-from .lean import make_lean
+from .lean import LeanOptions, make_lean
 from .portable import make_portable
 from .models import Backbone
 from .errors import ExportError, training_graph_refusal
@@ -287,9 +287,11 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                   momentum: float = 0.9, lam: float = 0.5, e0: float | None = None,
                   batch_size: int = 64, bn_momentum: float = 0.1, sparse_storage: bool = True,
                   export_batch: int = 2, profile: bool = True, lean: bool = True,
-                  portable: bool = True, fold_batchnorms: bool = True) -> dict[str, Any]:
+                  portable: bool = True, fold_batchnorms: bool = True,
+                  lean_options: LeanOptions = LeanOptions()) -> dict[str, Any]:
     """Write a device bundle for a warmed-up checkpoint; returns the manifest.
-    ``lean``, ``portable`` and ``fold_batchnorms`` are on by default; off, for comparison."""
+    ``lean``, ``portable`` and ``fold_batchnorms`` are on by default; off, for comparison
+    (``lean_options``: the lean graph's speed rewrites, likewise)."""
     import onnxruntime
     from onnxruntime.training import artifacts
 
@@ -344,11 +346,11 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
         if lean:
             training_model = onnx.ModelProto()
             training_model.CopyFrom(generated)
-            rewrites = make_lean(training_model, train_proto)
+            rewrites = make_lean(training_model, train_proto, options=lean_options)
             onnx.save(training_model, tmp / "training_model.onnx")
         if portable:
             if lean:  # for ARM, which has no NCHWc layout for NHWC masks to work around
-                make_lean(generated, train_proto, nhwc_masks=False)
+                make_lean(generated, train_proto, nhwc_masks=False, options=lean_options)
             step = make_portable(generated, train_proto, meta_params)
             onnx.checker.check_model(step, full_check=True)
             onnx.save(step, tmp / "portable_step.onnx")
@@ -366,7 +368,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
             for name in ("training_model.onnx", "portable_step.onnx"):
                 if (tmp / name).exists():
                     graph = onnx.load(tmp / name)
-                    _sparsify(graph, backbone_names)
+                    _sparsify(graph, backbone_names | {n + ".flipped" for n in backbone_names})  # make_lean's
                     onnx.save(graph, tmp / name)
         onnx.save(infer_proto, tmp / "inference.onnx")
 

@@ -4,15 +4,18 @@ onnxruntime-training's generated graph keeps a full float activation for every f
 read by ``ReluGrad`` and by ``ConvGrad`` (which takes the forward input even when no weight
 gradient is wanted). This pass rewrites, in the generated training graph:
 
-- ``ConvGrad(dY, X, W)`` with no weight/bias gradient -> ``ConvTranspose(dY, W)`` with the same
-  strides, pads, dilations and group, and the output padding that restores X's size: the input
-  gradient of a frozen convolution needs only its weights (a depthwise one at stride 1: a
-  depthwise ``Conv`` of dY with the flipped kernels, which onnxruntime runs faster);
+- ``ConvGrad(dY, X, W)`` with no weight/bias gradient: the input gradient of a frozen
+  convolution needs only its weights. At stride 1 (any group, dilation and padding that leaves
+  the Conv's own padding non-negative) -> ``Conv(dY, W')`` with W' the kernels flipped and their
+  channel axes swapped group by group, an export-time constant (``flipped_weights``), which
+  onnxruntime's CPU kernels run faster than ConvTranspose; otherwise -> ``ConvTranspose(dY, W)``
+  with the same strides, pads, dilations and group, and the output padding that restores X's size;
 - ``Clip(x, lo, hi)``'s gradient (ReLU6; generated as ``Mul(dY, Cast(x >= lo and x <= hi))``,
   which keeps x) -> ``Mul(dY, mask)`` with ``lo < x < hi`` packed like the ReLU masks;
 - ``ReluGrad(dY, Y)`` -> ``Mul(dY, mask)`` with ``mask = Greater(Y, 0)`` computed right after
   the forward ReLU, packed 8 signs to a byte (``MatMulInteger`` by 1, 2, .., 128) and unpacked
-  with two ``BitShift``s to 0.0/1.0 right before its use: 1 bit kept instead of a 4-byte float.
+  to 0.0/1.0 right before its use by one ``Gather`` of each byte's row of a 256 x 8 table: 1 bit
+  kept instead of a 4-byte float.
   (``Where(mask, dY, 0)`` would do the same, but onnxruntime's CPU ``Where`` allocates two
   scratch tensors of its output's size on every call: figures in docs/memory.md.)
   Masks of frozen convs' outputs are taken in NHWC order and transposed back as bytes when
@@ -40,6 +43,7 @@ its output through the backward pass.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -212,25 +216,38 @@ def _pack_mask(y: str, zero: str, const: _Constants, nhwc: bool = False,
     ]
 
 
-def _unpack_mask(bits: str, like: str, out: str, const: _Constants, nhwc: bool = False) -> list[onnx.NodeProto]:
+# row b of the table: the 8 bits of the byte b, bit k at column k (as _pack_mask weights them)
+_BIT_TABLE = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.uint8)
+
+
+def _unpack_mask(bits: str, like: str, out: str, const: _Constants, nhwc: bool = False,
+                 gather: bool = True) -> list[onnx.NodeProto]:
     """Bit k of each byte as 0.0 or 1.0, shaped like ``like`` (the gradient the mask is applied
-    to; with ``nhwc`` the bits are in NHWC order and are transposed back, as bytes). Every
-    unpacking node depends on ``like``: onnxruntime runs a node as soon as its inputs exist, so
-    an unpacking that read only the packed bits would run in the forward pass and hold the
-    unpacked mask through the backward pass."""
+    to; with ``nhwc`` the bits are in NHWC order and are transposed back, as bytes). With
+    ``gather`` each byte picks its row of a constant 256 x 8 table (one ``Gather``, about 3x
+    faster than the two ``BitShift``s it replaces: docs/step_time.md). Every unpacking node
+    depends on ``like``: onnxruntime runs a node as soon as its inputs exist, so an unpacking
+    that read only the packed bits would run in the forward pass and hold the unpacked mask
+    through the backward pass."""
     n = lambda op, ins, o, **kw: helper.make_node(op, ins, [o], name=o + "_node", **kw)
     head = [
         n("Shape", [like], out + ".batch", start=0, end=1),
-        n("Concat", [out + ".batch", const([-1, 1], np.int64)], out + ".rows", axis=0),
+        n("Concat", [out + ".batch", const([-1, 1] if not gather else [-1], np.int64)], out + ".rows", axis=0),
         n("Reshape", [bits, out + ".rows"], out + ".bits"),
-        n("BitShift", [out + ".bits", const((7 - np.arange(8)).reshape(1, 8), np.uint8)], out + ".high",
-          direction="LEFT"),
-        n("BitShift", [out + ".high", const(7, np.uint8)], out + ".u8", direction="RIGHT"),
-        n("Shape", [like], out + ".shape"),
     ]
+    if gather:  # Gather's indices are int32 or int64
+        table = _BIT_TABLE if nhwc else _BIT_TABLE.astype(np.float32)
+        head += [n("Cast", [out + ".bits"], out + ".index", to=TensorProto.INT32),
+                 n("Gather", [const(table, table.dtype), out + ".index"], out + (".u8" if nhwc else ".flat"), axis=0)]
+    else:
+        head += [n("BitShift", [out + ".bits", const((7 - np.arange(8)).reshape(1, 8), np.uint8)], out + ".high",
+                   direction="LEFT"),
+                 n("BitShift", [out + ".high", const(7, np.uint8)], out + ".u8", direction="RIGHT")]
+        if not nhwc:
+            head.append(n("Cast", [out + ".u8"], out + ".flat", to=TensorProto.FLOAT))
+    head.append(n("Shape", [like], out + ".shape"))
     if not nhwc:
-        return head + [n("Cast", [out + ".u8"], out + ".flat", to=TensorProto.FLOAT),
-                       n("Reshape", [out + ".flat", out + ".shape"], out)]
+        return head + [n("Reshape", [out + ".flat", out + ".shape"], out)]
     return head + [
         n("Gather", [out + ".shape", const([0, 2, 3, 1], np.int64)], out + ".shape_nhwc", axis=0),
         n("Reshape", [out + ".u8", out + ".shape_nhwc"], out + ".u8_nhwc"),
@@ -380,8 +397,38 @@ def clip_gradient_masks(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
     return found
 
 
+@dataclass(frozen=True)
+class LeanOptions:
+    """The lean graph's speed rewrites, on by default; off reproduces the graph before them (for
+    measuring against it: benchmarks/step_profile.py)."""
+    # frozen convs' input gradients at stride 1 as a Conv of dY with flipped, channel-swapped
+    # kernels (an export-time copy of the weights) instead of ConvTranspose; off, only
+    # depthwise ones at stride 1 are (as before)
+    conv_input_gradients: bool = True
+    # bit-packed masks unpacked by one Gather from a 256 x 8 table instead of two BitShifts
+    gather_unpack: bool = True
+
+
+def flipped_weights(w: np.ndarray, group: int) -> np.ndarray:
+    """The kernels of the Conv that computes a stride-1 conv's input gradient: for each group,
+    its (C_out/g, C_in/g) channel axes swapped, and every spatial axis reversed."""
+    c_out, c_in_g, *k = w.shape
+    w = w.reshape(group, c_out // group, c_in_g, *k).swapaxes(1, 2).reshape(group * c_in_g, c_out // group, *k)
+    return np.ascontiguousarray(np.flip(w, axis=tuple(range(2, w.ndim))))
+
+
+def frozen_weights(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Conv-shaped (3-D or more) initializers by name, and by the outputs of ``Identity`` nodes
+    that read them (the TorchScript exporter ties equal initializers that way)."""
+    found = {t.name: numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) >= 3}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in found:
+            found[node.output[0]] = found[node.input[0]]
+    return found
+
+
 def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bool = True,
-              nhwc_masks: bool = True) -> dict[str, int]:
+              nhwc_masks: bool = True, options: LeanOptions = LeanOptions()) -> dict[str, int]:
     """Rewrite ``training`` in place; ``forward`` (the graph before artifacts were generated)
     gives the sizes of forward tensors. ``bit_masks`` packs each ReLU mask 8 signs to a byte
     (where a sample's size is a multiple of 8; else one byte per sign, applied with ``Where``).
@@ -403,9 +450,9 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     masks: dict[str, str] = {}
     nhwc = frozen_conv_outputs(training.graph) if nhwc_masks else set()
     clip_muls = clip_gradient_masks(training.graph, nodes)
-    weights = {t.name: numpy_helper.to_array(t) for t in training.graph.initializer if len(t.dims) == 4}
+    weights = frozen_weights(training.graph)
     added: set[str] = set()
-    convs = relus = transposed = clipped = depthwise = 0
+    convs = relus = transposed = clipped = depthwise = to_conv = flipped_bytes = 0
     for i, node in enumerate(nodes):
         if i in clip_muls:  # ReLU6: one bit, lo < x < hi (torch's hardtanh gradient is strict too)
             dy, x, lo, hi = clip_muls[i]
@@ -424,7 +471,8 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             name = (node.name or f"clipgrad{i}") + "_lean"
             if packed:
                 mask = f"{x}.band.unpacked{i}"
-                before.setdefault(i, []).extend(_unpack_mask(masks[key], dy, mask, consts, in_nhwc))
+                before.setdefault(i, []).extend(_unpack_mask(masks[key], dy, mask, consts, in_nhwc,
+                                                             options.gather_unpack))
                 nodes[i] = helper.make_node("Mul", [dy, mask], [node.output[0]], name=name)
             else:
                 nodes[i] = helper.make_node("Where", [mask, dy, zero], [node.output[0]], name=name)
@@ -434,36 +482,45 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             wants_weight = len(node.output) > 1 and node.output[1] != ""
             wants_bias = len(node.output) > 2 and node.output[2] != ""
             x = node.input[1]
-            if wants_weight or wants_bias or x not in spatial:
+            if wants_weight or wants_bias:
                 continue
             a = node_attrs(node)
             k = list(a["kernel_shape"])
-            strides = list(a.get("strides", [1] * len(k)))
-            pads = list(a.get("pads", [0] * 2 * len(k)))
-            dil = list(a.get("dilations", [1] * len(k)))
-            dy_dims = [(spatial[x][d] + pads[d] + pads[d + len(k)] - dil[d] * (k[d] - 1) - 1) // strides[d] + 1
-                       for d in range(len(k))]
-            out_pad = [spatial[x][d] - ((dy_dims[d] - 1) * strides[d] - pads[d] - pads[d + len(k)]
-                                        + dil[d] * (k[d] - 1) + 1) for d in range(len(k))]
+            nd = len(k)
+            strides = list(a.get("strides", [1] * nd))
+            pads = list(a.get("pads", [0] * 2 * nd))
+            dil = list(a.get("dilations", [1] * nd))
             group, w = a.get("group", 1), weights.get(node.input[2])
-            if group > 1 and w is not None and w.shape[1] == 1 and set(strides) == set(dil) == {1}:
-                # depthwise at stride 1: dX is dY correlated with the flipped kernels, a depthwise
-                # Conv, which onnxruntime's CPU kernels run ~2.5x faster than the grouped
-                # ConvTranspose (measured); the flipped copy is as small as the kernels
+            name = (node.name or f"convgrad{i}") + "_lean"
+            # at stride 1, dX is dY correlated with the flipped kernels, channels swapped group
+            # by group: a Conv, which onnxruntime's CPU kernels run faster than ConvTranspose
+            # (measured: docs/step_time.md); its padding is what the forward conv's leaves of
+            # the dilated kernel, so it must not be negative
+            conv_pads = [dil[d % nd] * (k[d % nd] - 1) - pads[d] for d in range(2 * nd)]
+            depthwise_form = group > 1 and w is not None and w.shape[1] == 1 and set(dil) == {1}
+            if (w is not None and set(strides) == {1} and min(conv_pads) >= 0
+                    and (options.conv_input_gradients or depthwise_form)):
                 flipped = node.input[2] + ".flipped"
                 if flipped not in added:
-                    training.graph.initializer.append(
-                        numpy_helper.from_array(np.ascontiguousarray(w[:, :, ::-1, ::-1]), flipped))
+                    training.graph.initializer.append(numpy_helper.from_array(flipped_weights(w, group), flipped))
                     added.add(flipped)
-                nodes[i] = helper.make_node(
-                    "Conv", [node.input[0], flipped], [node.output[0]], name=(node.name or f"convgrad{i}") + "_lean",
-                    kernel_shape=k, group=group, pads=[k[d % len(k)] - 1 - pads[d] for d in range(2 * len(k))])
-                depthwise += 1
+                    flipped_bytes += w.nbytes
+                nodes[i] = helper.make_node("Conv", [node.input[0], flipped], [node.output[0]], name=name,
+                                            kernel_shape=k, group=group, pads=conv_pads, dilations=dil)
+                if group > 1:
+                    depthwise += 1
+                else:
+                    to_conv += 1
                 continue
+            if x not in spatial:
+                continue
+            dy_dims = [(spatial[x][d] + pads[d] + pads[d + nd] - dil[d] * (k[d] - 1) - 1) // strides[d] + 1
+                       for d in range(nd)]
+            out_pad = [spatial[x][d] - ((dy_dims[d] - 1) * strides[d] - pads[d] - pads[d + nd]
+                                        + dil[d] * (k[d] - 1) + 1) for d in range(nd)]
             nodes[i] = helper.make_node(
-                "ConvTranspose", [node.input[0], node.input[2]], [node.output[0]],
-                name=(node.name or f"convgrad{i}") + "_lean", kernel_shape=k, strides=strides,
-                pads=pads, dilations=dil, group=group, output_padding=out_pad)
+                "ConvTranspose", [node.input[0], node.input[2]], [node.output[0]], name=name,
+                kernel_shape=k, strides=strides, pads=pads, dilations=dil, group=group, output_padding=out_pad)
             convs += 1
         elif node.op_type == "ReluGrad" and node.domain == "com.microsoft":
             y, dy = node.input[1], node.input[0]
@@ -479,7 +536,8 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             mask = masks[y]
             if packed:
                 mask = f"{y}.mask.unpacked{i}"
-                before.setdefault(i, []).extend(_unpack_mask(masks[y], dy, mask, consts, in_nhwc))
+                before.setdefault(i, []).extend(_unpack_mask(masks[y], dy, mask, consts, in_nhwc,
+                                                             options.gather_unpack))
             name = (node.name or f"relugrad{i}") + "_lean"
             nodes[i] = (helper.make_node("Mul", [dy, mask], [node.output[0]], name=name) if packed else
                         helper.make_node("Where", [mask, dy, zero], [node.output[0]], name=name))
@@ -495,5 +553,6 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     training.graph.node.extend(ordered)
     return {"stop_gradient_twin_nodes_dropped": twins, "conv_grad_to_conv_transpose": convs,
             "relu_grad_to_mask": relus, "relu_masks_bit_packed": bits, "relu_masks_nhwc": transposed,
-            "clip_grad_to_mask": clipped, "depthwise_grad_to_conv": depthwise,
+            "clip_grad_to_mask": clipped, "depthwise_grad_to_conv": depthwise, "conv_grad_to_conv": to_conv,
+            "flipped_weight_bytes": flipped_bytes,
             "regularizer_nodes_placed_early": moved}

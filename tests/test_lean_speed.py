@@ -1,0 +1,114 @@
+"""The lean graph's speed rewrites (issue 16): stride-1 frozen input gradients as a Conv with
+flipped, channel-swapped kernels, and mask unpacking as one Gather, on both engines; the
+gradients they compute are those of the graph before them."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgetta.adapter import Adapter
+from edgetta_export.bundle import export_bundle
+from edgetta_export.lean import LeanOptions, flipped_weights
+
+GRAPHS = ("training_model.onnx", "portable_step.onnx")
+
+
+@pytest.fixture(scope="module")
+def before_bundle(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint exported with both rewrites off: the graph as it was before them."""
+    out = tmp_path_factory.mktemp("lean_speed") / "before"
+    export_bundle(tiny_ckpt, out, profile=False, lean_options=LeanOptions(conv_input_gradients=False,
+                                                                         gather_unpack=False))
+    return out
+
+
+def _frozen_input_gradients(path) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in onnx.load(str(path)).graph.node if n.name.endswith("ConvGrad_0_lean")}
+
+
+def _strides(node: onnx.NodeProto) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == "strides"), [1, 1])
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_stride1_input_gradients_are_convs_of_flipped_kernels(tiny_bundle, before_bundle, graph):
+    before, after = _frozen_input_gradients(before_bundle / graph), _frozen_input_gradients(tiny_bundle / graph)
+    assert set(before) == set(after) and after
+    stride1 = {n for n, node in before.items() if node.op_type == "ConvTranspose" and set(_strides(node)) == {1}}
+    assert stride1, "the tiny WRN has stride-1 frozen convs"
+    for name, node in after.items():
+        if name in stride1:
+            assert node.op_type == "Conv" and node.input[1].endswith(".flipped"), name
+        else:  # stride 2 stays a ConvTranspose
+            assert node.op_type == before[name].op_type == "ConvTranspose" and set(_strides(node)) != {1}, name
+    assert len(after) > len(stride1)
+    m = json.loads((tiny_bundle / "manifest.json").read_text())["training_graph"]["rewrites"]
+    assert m["conv_grad_to_conv"] == len(stride1) and m["conv_grad_to_conv_transpose"] == len(after) - len(stride1)
+    assert m["flipped_weight_bytes"] > 0
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_masks_are_unpacked_by_one_gather_without_bitshift(tiny_bundle, before_bundle, graph):
+    ops_before = [n.op_type for n in onnx.load(str(before_bundle / graph)).graph.node]
+    g = onnx.load(str(tiny_bundle / graph)).graph
+    assert "BitShift" in ops_before and "BitShift" not in [n.op_type for n in g.node]
+    tables = {t.name: numpy_helper.to_array(t) for t in g.initializer if tuple(t.dims) == (256, 8)}
+    gathers = [n for n in g.node if n.op_type == "Gather" and n.input[0] in tables]
+    assert len(gathers) == ops_before.count("BitShift") // 2  # one per unpacking
+    for n in gathers:
+        table = tables[n.input[0]]
+        byte = np.arange(256)
+        np.testing.assert_array_equal(table, ((byte[:, None] >> np.arange(8)) & 1).astype(table.dtype))
+
+
+def test_both_engines_adapt_as_before(tiny_bundle, before_bundle, corrupted_frames):
+    """Losses, logits and the adapted state after four steps: the rewritten graphs against the
+    graphs before the rewrites, on each engine, and the two engines against each other."""
+    images, _ = corrupted_frames
+    runs = {}
+    for key, bundle in (("before", before_bundle), ("after", tiny_bundle)):
+        for engine in ("ort-training", "onnx"):
+            a = Adapter.load(bundle, engine=engine)
+            losses, logits = [], []
+            for i in range(4):
+                logits.append(a.step(images[i * 16:(i + 1) * 16]))
+                losses.append(a.last_loss)
+            runs[key, engine] = (np.array(losses), np.concatenate(logits), a.meta_state())
+    for ref, other in ((("before", "ort-training"), ("after", "ort-training")),
+                       (("before", "onnx"), ("after", "onnx")),
+                       (("after", "ort-training"), ("after", "onnx"))):
+        (la, ya, sa), (lb, yb, sb) = runs[ref], runs[other]
+        np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-6, err_msg=f"{ref} {other}")
+        np.testing.assert_allclose(ya, yb, rtol=1e-4, atol=1e-4, err_msg=f"{ref} {other}")
+        for n in sa:
+            assert np.abs(sa[n] - sb[n]).max() <= 1e-4 * (np.abs(sa[n]).max() + 1e-6), (ref, other, n)
+
+
+@pytest.mark.parametrize("group,dilation,pad", [(1, 1, 1), (2, 2, 2), (4, 1, 0), (8, 1, 1)])
+def test_flipped_kernels_give_torch_input_gradient(group, dilation, pad):
+    """Conv(dY, flipped_weights(W)) equals torch's input gradient of a stride-1 conv, grouped
+    (group 8 here is depthwise), dilated, padded or not."""
+    from edgetta.ort import onnxruntime
+    rng = np.random.default_rng(group)
+    c_in, c_out, k = 8, 16, 3
+    w = rng.standard_normal((c_out, c_in // group, k, k)).astype(np.float32)
+    x_shape = (2, c_in, 9, 9)
+    h = 9 + 2 * pad - dilation * (k - 1)
+    dy = rng.standard_normal((2, c_out, h, h)).astype(np.float32)
+    want = torch.nn.grad.conv2d_input(x_shape, torch.from_numpy(w), torch.from_numpy(dy), padding=pad,
+                                      dilation=dilation, groups=group).numpy()
+    p = dilation * (k - 1) - pad
+    node = helper.make_node("Conv", ["dy", "w"], ["dx"], kernel_shape=[k, k], group=group,
+                            dilations=[dilation] * 2, pads=[p] * 4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("dy", TensorProto.FLOAT, list(dy.shape))],
+                              [helper.make_tensor_value_info("dx", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(flipped_weights(w, group), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sess = onnxruntime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"dy": dy})[0]
+    assert got.shape == x_shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
