@@ -2,6 +2,7 @@
 
     python -m benchmarks.longterm                       # every method, 10 rounds, two processes at once
     python -m benchmarks.longterm --methods edgetta --anchor 0.01   # a drift-fix variant
+    python -m benchmarks.longterm --generator independent           # the imagecorruptions stream
     python -m benchmarks.longterm --diagnose            # where the loss pulls the warmed-up meta nets
     python -m benchmarks.longterm --report              # docs/longterm.md and the plots from the JSON
     python -m benchmarks.longterm --smoke --out-dir /tmp/lt   # a tiny run (tests)
@@ -9,9 +10,13 @@
 Cost on one free x86-64 core: CoTTA about 5 minutes a round (32 augmented teacher passes on
 most batches), edgetta and EcoTTA-torch under a minute, the others seconds.
 
-The stream is the main suite's (``benchmarks.common.continual_stream``: Fashion-MNIST test images
-as 32x32x3, the 15 corruptions in the standard order, severity 5), repeated ``--rounds`` times
-with no reset, batch ``--batch``. Every method runs in a fresh process with one thread
+The stream (``--generator``): ``project``, the main suite's (``benchmarks.common.continual_stream``:
+Fashion-MNIST test images as 32x32x3, the 15 corruptions in the standard order, severity 5), or
+``independent``, the independent generator's (``benchmarks.independent.build_stream``: the same
+test images, the 13 imagecorruptions kinds, corrupted at 128 px), repeated ``--rounds`` times
+with no reset, batch ``--batch``. Results: ``benchmarks/results/longterm.json`` (project) and
+``longterm_independent.json``; docs/longterm.md shows both. ``--checkpoint`` (default: the
+project's default checkpoint) is the warmed-up model every method starts from. Every method runs in a fresh process with one thread
 (``--jobs`` processes at once). Per round: error, error per corruption, peak RSS of the round
 (the kernel's peak mark is reset at the start of each round), seconds, and the distance of the
 trained parameters from their start (L2, and relative to the start's norm). Before round 1 and
@@ -26,18 +31,18 @@ lambda = 0). Each worker rewrites its own partial JSON after every round; the dr
 partial files into ``benchmarks/results/longterm.json`` as they change, so a stopped run keeps
 the rounds it finished.
 
-Variants, for drift (edgetta only; the result is stored under the method's name plus a tag,
+Variants, for drift (edgetta; ``--anchor`` also EcoTTA-torch; the result is stored under the method's name plus a tag,
 e.g. ``edgetta+anchor0.001``): ``--lr`` (SGD learning rate), ``--lam`` and ``--e0`` (a bundle
 exported with that regularizer weight / entropy threshold), ``--anchor RHO`` (after every step
 the meta networks move back towards the warmed-up state by the fraction RHO of their distance:
-theta <- theta0 + (1 - RHO) (theta - theta0); done here through the public ``Adapter.runner``
-parameters, a prototype of what the device loop could do).
+theta <- theta0 + (1 - RHO) (theta - theta0): the device's ``Adapter(anchor=RHO)``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -94,6 +99,8 @@ class MethodResult:
     lr: float | None = None     # the learning rate override of a variant
     e0: float | None = None     # EcoTTA's entropy threshold
     anchor: float | None = None
+    checkpoint: str = ""
+    bundle_sha256: str = ""     # of its manifest (which lists every file's sha256): runs side by side share it
     rounds: list[RoundResult] = field(default_factory=list)
     clean_error_start: float | None = None
     clean_error_start_batch_stats: float | None = None
@@ -168,18 +175,23 @@ class TorchRunner:
     """A ``benchmarks.methods`` method; ``predict`` runs the network the method predicts with,
     without gradient and without touching its state."""
 
-    def __init__(self, method: str, bundle: Path, threads: int, seed: int):
+    def __init__(self, method: str, bundle: Path, checkpoint_path: Path, threads: int, seed: int,
+                 anchor: float | None = None):
         import torch
         from benchmarks.methods import EcoTTASettings, create
+        from benchmarks.tta import EcoTTATorch
         from edgetta_export import checkpoint
-        from edgetta_export.bundle import DEFAULT_CHECKPOINT
         from edgetta_export.train import to_tensor
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         self.torch, self.to_tensor, self.notes = torch, to_tensor, []
-        ckpt = checkpoint.load(DEFAULT_CHECKPOINT)
+        ckpt = checkpoint.load(checkpoint_path)
         hyper = EcoTTASettings.from_manifest(json.loads((bundle / "manifest.json").read_text()))
-        self.method = create(method.removesuffix("_lam0"), ckpt, hyper=hyper, seed=seed)
+        if anchor:  # the registry's factory knows no anchor: the class itself, with the bundle's settings
+            self.method = EcoTTATorch(ckpt, lr=hyper.lr, momentum=hyper.momentum, lam=hyper.lam, e0=hyper.e0,
+                                      anchor=anchor)
+        else:
+            self.method = create(method.removesuffix("_lam0"), ckpt, hyper=hyper, seed=seed)
         self.mean, self.std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
         self.trained = [p for mod in self.method.modules()[:1] for p in mod.parameters() if p.requires_grad]
         self.start = [p.detach().numpy().copy() for p in self.trained]
@@ -247,9 +259,11 @@ def run_worker(a: argparse.Namespace) -> int:
     if edgetta:
         runner = EdgettaRunner(Path(a.bundle), a.threads, a.lr, a.anchor)
     else:
-        runner = TorchRunner(a.worker, Path(a.bundle), a.threads, a.seed)
+        runner = TorchRunner(a.worker, Path(a.bundle), Path(a.checkpoint), a.threads, a.seed, a.anchor)
     ecotta = json.loads((Path(a.bundle) / "manifest.json").read_text())["ecotta"]
     res = MethodResult(method=a.worker + a.tag, base=a.worker, threads=a.threads, lr=a.lr, anchor=a.anchor,
+                       checkpoint=checkpoint_label(Path(a.checkpoint)),
+                       bundle_sha256=hashlib.sha256((Path(a.bundle) / "manifest.json").read_bytes()).hexdigest(),
                        lam=ecotta["lambda"] if "ecotta" in a.worker or edgetta else None,
                        e0=ecotta["e0"] if "ecotta" in a.worker or edgetta else None,
                        worker_command=shlex.join([sys.executable, "-m", "benchmarks.longterm", *sys.argv[1:]]),
@@ -326,16 +340,110 @@ def update_json(json_path: Path, sections: dict[str, Any], methods: dict[str, An
     return data
 
 
-def bundles(settings: set[tuple[float, float | None]]) -> dict[tuple[float, float | None], Path]:
-    """One bundle of the default checkpoint per (lambda, E0) (cached); the other export settings
-    are the defaults."""
+GENERATORS = ("project", "independent")
+
+
+def default_checkpoint() -> Path:
+    from edgetta_export.bundle import DEFAULT_CHECKPOINT
+    return Path(DEFAULT_CHECKPOINT)
+
+
+def checkpoint_label(path: Path) -> str:
+    """The checkpoint as a report names it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
+def bundles(settings: set[tuple[float, float | None]], checkpoint_path: Path | None = None
+            ) -> dict[tuple[float, float | None], Path]:
+    """One bundle of the checkpoint (default: the project's) per (lambda, E0) (cached); the other
+    export settings are the defaults."""
     from benchmarks.common import export_cached_bundle
     from edgetta_export import checkpoint
-    from edgetta_export.bundle import DEFAULT_CHECKPOINT
-    ckpt = checkpoint.load(DEFAULT_CHECKPOINT)
-    return {(lam, e0): export_cached_bundle(ckpt, f"longterm_lam{lam:g}" + ("" if e0 is None else f"_e0{e0:g}"),
+    path = Path(checkpoint_path or default_checkpoint())
+    ckpt = checkpoint.load(path)
+    stem = "" if path.resolve() == default_checkpoint().resolve() else f"_{path.stem}"
+    return {(lam, e0): export_cached_bundle(ckpt, f"longterm{stem}_lam{lam:g}" + ("" if e0 is None else f"_e0{e0:g}"),
                                             lam=lam, e0=e0)
             for lam, e0 in settings}
+
+
+def generator_stream(generator: str, per_type: int, severity: int, seed: int) -> Path:
+    """The cached continual stream of Fashion-MNIST test images of one generator."""
+    if generator == "project":
+        return continual_stream(per_type, severity, seed)
+    from benchmarks.independent import KINDS, StreamSpec, build_stream
+    return build_stream(StreamSpec(KINDS, per_type, severity, seed))
+
+
+def json_name(generator: str) -> str:
+    return "longterm.json" if generator == "project" else f"longterm_{generator}.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One method's long-term run in a worker process: its stream, clean images and bundle."""
+    method: str
+    stream: Path
+    clean: Path
+    bundle: Path
+    checkpoint: Path
+    partial: Path                # the worker's JSON, rewritten after every round
+    tag: str = ""
+    rounds: int = 10
+    batch: int = 64
+    threads: int = 1
+    seed: int = 0
+    clean_after: tuple[int, ...] = (1, 5, 10)
+    lr: float | None = None
+    anchor: float | None = None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "benchmarks.longterm", "--worker", self.method, "--stream", str(self.stream),
+               "--bundle", str(self.bundle), "--checkpoint", str(self.checkpoint), "--partial", str(self.partial),
+               "--tag", self.tag, "--rounds", str(self.rounds), "--batch", str(self.batch),
+               "--threads", str(self.threads), "--seed", str(self.seed), "--clean", str(self.clean),
+               "--clean-after", *map(str, self.clean_after)]
+        return cmd + [f"--{k}={v}" for k, v in (("lr", self.lr), ("anchor", self.anchor)) if v is not None]
+
+
+def run_jobs(jobs: list[Job], parallel: int, on_update: Callable[[Job, dict[str, Any]], None],
+             poll: float = 5.0) -> list[Job]:
+    """Run ``jobs``, ``parallel`` worker processes at once, each with one thread per
+    ``job.threads``; ``on_update(job, record)`` whenever a worker rewrote its partial JSON.
+    Returns the jobs that failed (their log's tail is logged)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    pending = list(jobs)
+    running: dict[Job, tuple[subprocess.Popen, float]] = {}
+    failed = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            job.partial.parent.mkdir(parents=True, exist_ok=True)
+            job.partial.unlink(missing_ok=True)
+            log_path = job.partial.with_suffix(".log")
+            threads = str(job.threads)
+            with open(log_path, "w") as logf:
+                running[job] = (subprocess.Popen(job.command(), cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT,
+                                                 env=dict(env, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)),
+                                0.0)
+            log.info("started %s%s (log %s)", job.method, job.tag, log_path)
+        time.sleep(poll)
+        for job, (proc, seen) in list(running.items()):
+            rc = proc.poll()
+            if job.partial.exists() and job.partial.stat().st_mtime != seen:
+                seen = job.partial.stat().st_mtime
+                on_update(job, json.loads(job.partial.read_text()))
+                running[job] = (proc, seen)
+            if rc is not None:
+                del running[job]
+                if rc != 0:
+                    tail = job.partial.with_suffix(".log").read_text().strip().splitlines()[-5:]
+                    failed.append(job)
+                    log.error("%s%s failed (exit %d): %s", job.method, job.tag, rc, " | ".join(tail))
+                else:
+                    log.info("finished %s%s", job.method, job.tag)
+    return failed
 
 
 def variant_tag(a: argparse.Namespace) -> str:
@@ -344,17 +452,17 @@ def variant_tag(a: argparse.Namespace) -> str:
     return "".join(f"+{k}{v:g}" for k, v, default in parts if v != default)
 
 
-def _partial_dir(smoke: bool) -> Path:
-    return CACHE / "longterm" / ("smoke" if smoke else "full")
+def _partial_dir(smoke: bool, generator: str = "project") -> Path:
+    return CACHE / "longterm" / (("smoke" if smoke else "full") + ("" if generator == "project" else f"-{generator}"))
 
 
 def collect(a: argparse.Namespace) -> int:
     """Merge the workers' partial files of ``--methods`` (with this variant's tag) into the report:
     for rounds a stopped driver did not merge."""
-    json_path = Path(a.out_dir) / "longterm.json"
+    json_path = Path(a.out_dir) / json_name(a.generator)
     found = {}
     for m in a.methods:
-        partial = _partial_dir(a.smoke) / f"{m}{variant_tag(a)}.json"
+        partial = _partial_dir(a.smoke, a.generator) / f"{m}{variant_tag(a)}.json"
         if partial.exists():
             found[m] = json.loads(partial.read_text())
             log.info("%s: %d rounds in %s", m, len(found[m]["rounds"]), partial)
@@ -366,15 +474,16 @@ def evaluate_saved(a: argparse.Namespace) -> int:
     """For an edgetta run whose worker predates the batch-statistics clean error: load the
     bundle and the state the worker saved after its last round, check that the clean error on
     running statistics is the one recorded, and fill in the batch-statistics figures."""
-    json_path = Path(a.out_dir) / "longterm.json"
+    json_path = Path(a.out_dir) / json_name(a.generator)
     with np.load(clean_subset(a.clean_frames, a.seed), allow_pickle=False) as d:
         clean_x, clean_y = d["images"], d["labels"]
     tag = variant_tag(a)
     for m in a.methods:
-        partial = _partial_dir(a.smoke) / f"{m}{tag}.json"
+        partial = _partial_dir(a.smoke, a.generator) / f"{m}{tag}.json"
         rec = json.loads(partial.read_text())
         last = rec["rounds"][-1]
-        runner = EdgettaRunner(bundles({(0.0 if m.endswith("_lam0") else a.lam, a.e0)}).popitem()[1], a.threads)
+        runner = EdgettaRunner(bundles({(0.0 if m.endswith("_lam0") else a.lam, a.e0)}, a.checkpoint).popitem()[1],
+                               a.threads)
 
         def err(fn: Callable[[np.ndarray], np.ndarray]) -> float:
             return float((_predict_all(fn, clean_x, a.batch) != clean_y).mean())
@@ -398,70 +507,51 @@ def evaluate_saved(a: argparse.Namespace) -> int:
 def run_driver(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     out_dir = Path(a.out_dir)
-    json_path = out_dir / "longterm.json"
-    stream = continual_stream(a.frames_per_type, a.severity, a.seed)
+    json_path = out_dir / json_name(a.generator)
+    stream = generator_stream(a.generator, a.frames_per_type, a.severity, a.seed)
     clean = clean_subset(a.clean_frames, a.seed)
+    with np.load(stream) as d, np.load(clean) as c:
+        frames_per_round = int(d["labels"].shape[0])
+        description = str(d["description"])
+        if "source_index" in d.files and np.intersect1d(d["source_index"], c["source_index"]).size:
+            raise SystemExit("error: the clean images overlap the stream")
     tag = variant_tag(a)
-    if tag and set(a.methods) - set(EDGETTA_METHODS):
-        raise SystemExit("error: --lam/--e0/--lr/--anchor variants are for edgetta and edgetta_lam0")
+    allowed = set(EDGETTA_METHODS) | ({"ecotta_torch"} if tag.startswith("+anchor") else set())
+    if tag and set(a.methods) - allowed:
+        raise SystemExit("error: --lam/--e0/--lr/--anchor variants are for edgetta and edgetta_lam0 "
+                         "(--anchor alone also for ecotta_torch)")
+    checkpoint_path = Path(a.checkpoint or default_checkpoint())
     setting = {m: (0.0 if m.endswith("_lam0") else a.lam, a.e0) for m in a.methods}
-    paths = bundles(set(setting.values()))
-    partial_dir = _partial_dir(a.smoke)
-    partial_dir.mkdir(parents=True, exist_ok=True)
+    paths = bundles(set(setting.values()), checkpoint_path)
+    partial_dir = _partial_dir(a.smoke, a.generator)
     command = ("python -m benchmarks.longterm " + shlex.join(a.argv)).strip()
-    config = {"command": command, "frames_per_type": a.frames_per_type, "severity": a.severity,
-              "frames_per_round": int(np.load(stream)["labels"].shape[0]), "rounds": a.rounds,
+    config = {"command": command, "generator": a.generator, "stream": description,
+              "checkpoint": checkpoint_label(checkpoint_path), "frames_per_type": a.frames_per_type,
+              "severity": a.severity, "frames_per_round": frames_per_round, "rounds": a.rounds,
               "batch": a.batch, "threads": a.threads, "seed": a.seed, "clean_frames": a.clean_frames,
               "clean_after": a.clean_after, "smoke": a.smoke,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                           "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}}
     old = json.loads(json_path.read_text()).get("config") if json_path.exists() else None
-    keep = old if old and all(old.get(k) == config[k] for k in ("frames_per_type", "rounds", "batch", "severity")) else None
+    same = ("frames_per_type", "rounds", "batch", "severity")
+    keep = old if old and all(old.get(k) == config[k] for k in same) else None
+    if keep is not None:  # an earlier run's config stays; facts it lacks are filled in
+        keep = {**{k: config[k] for k in ("generator", "stream", "checkpoint")}, **keep}
     merge(json_path, keep or config, {})
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    pending = list(a.methods)
-    running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
-    failed = []
-    while pending or running:
-        while pending and len(running) < a.jobs:
-            m = pending.pop(0)
-            partial = partial_dir / f"{m}{tag}.json"
-            partial.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "benchmarks.longterm", "--worker", m, "--stream", str(stream),
-                   "--bundle", str(paths[setting[m]]), "--partial", str(partial), "--tag", tag,
-                   "--rounds", str(a.rounds), "--batch", str(a.batch), "--threads", str(a.threads),
-                   "--seed", str(a.seed), "--clean", str(clean),
-                   "--clean-after", *map(str, a.clean_after)]
-            cmd += [f"--{k}={v}" for k, v in (("lr", a.lr), ("anchor", a.anchor)) if v is not None]
-            logf = open(partial.with_suffix(".log"), "w")
-            running[m] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT), partial, 0.0)
-            logf.close()
-            log.info("started %s (log %s)", m, partial.with_suffix(".log"))
-        time.sleep(a.poll)
-        for m, (proc, partial, seen) in list(running.items()):
-            rc = proc.poll()
-            if partial.exists() and partial.stat().st_mtime != seen:
-                seen = partial.stat().st_mtime
-                r = json.loads(partial.read_text())
-                r["command"] = command  # the driver's: the command that reproduces this row
-                merge(json_path, None, {r["method"]: r})
-                running[m] = (proc, partial, seen)
-            if rc is not None:
-                del running[m]
-                if rc != 0:
-                    tail = partial.with_suffix(".log").read_text().strip().splitlines()[-5:]
-                    failed.append(m)
-                    log.error("%s failed (exit %d): %s", m, rc, " | ".join(tail))
-                else:
-                    log.info("finished %s", m)
+    jobs = [Job(m, stream, clean, paths[setting[m]], checkpoint_path, partial_dir / f"{m}{tag}.json", tag,
+                a.rounds, a.batch, a.threads, a.seed, tuple(a.clean_after), a.lr, a.anchor) for m in a.methods]
+
+    def update(job: Job, record: dict[str, Any]) -> None:
+        record["command"] = command  # the driver's: the command that reproduces this row
+        merge(json_path, None, {record["method"]: record})
+    failed = run_jobs(jobs, a.jobs, update, a.poll)
     data = json.loads(json_path.read_text())
     data["config"]["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data["config"]["machine"]["load_avg_at_end"] = os.getloadavg()
     merge(json_path, data["config"], {})
     if not a.no_report:
-        for p in write_report(json_path, out_dir, None if a.smoke else DOCS):
+        for p in write_report(out_dir, None if a.smoke else DOCS):
             log.info("wrote %s", p)
     return 1 if failed else 0
 
@@ -469,7 +559,7 @@ def run_driver(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- diagnosis
 
 
-def diagnose(stream: Path, clean: Path, lam: float, batch: int) -> dict[str, Any]:
+def diagnose(stream: Path, clean: Path, lam: float, batch: int, checkpoint_path: Path) -> dict[str, Any]:
     """Where the test-time loss pulls the warmed-up meta networks (EcoTTA in PyTorch, the
     default checkpoint): for a clean batch and the first batch of every corruption, the
     gradients of the masked entropy and of lam * regularizer with respect to the meta
@@ -477,12 +567,12 @@ def diagnose(stream: Path, clean: Path, lam: float, batch: int) -> dict[str, Any
     batches; and the gradient that reaches the meta networks' conv branches."""
     import torch
     from edgetta_export import checkpoint
-    from edgetta_export.bundle import DEFAULT_CHECKPOINT, build_model
+    from edgetta_export.bundle import build_model
     from edgetta_export.ecotta import ecotta_loss
     from edgetta_export.train import to_tensor
 
     torch.set_num_threads(1)
-    ckpt = checkpoint.load(DEFAULT_CHECKPOINT)
+    ckpt = checkpoint.load(checkpoint_path)
     model = build_model(ckpt).train()
     names = [n for n, _ in model.metas.named_parameters()]
     params = list(model.metas.parameters())
@@ -584,7 +674,7 @@ def _order(methods: dict[str, Any]) -> list[str]:
     return [m for m in METHODS if m in methods] + sorted(m for m in methods if m not in METHODS)
 
 
-def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
+def plots(data: dict[str, Any], out_dir: Path, prefix: str = "longterm") -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -612,7 +702,7 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden
     fig.tight_layout()
-    written.append(out_dir / "longterm_error.png")
+    written.append(out_dir / f"{prefix}_error.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
@@ -629,7 +719,7 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Forgetting: adapted state, no update", fontsize=11)
     fig.tight_layout()
-    written.append(out_dir / "longterm_clean.png")
+    written.append(out_dir / f"{prefix}_clean.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
@@ -649,29 +739,39 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     # the left panel has every method (the right one only those that train): its handles name them all
     axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    written.append(out_dir / "longterm_rss_distance.png")
+    written.append(out_dir / f"{prefix}_rss_distance.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
     return written
 
 
-def markdown(data: dict[str, Any], fig_dir: str) -> str:
+def markdown(data: dict[str, Any], fig_dir: str, generator: str = "project") -> str:
+    """The report of one generator's JSON: the project's as the document's top, another one's as
+    a section of it (headings one level down, its own figures)."""
     cfg, methods = data["config"], data["methods"]
     order = _order(methods)
     rounds = max((len(methods[m]["rounds"]) for m in order), default=0)
+    top = "#" if generator == "project" else "##"
+    prefix = Path(json_name(generator)).stem
+    stream = (f"the 15 corruptions in the standard order at severity {cfg['severity']}, {cfg['frames_per_type']} "
+              "images per corruption" if generator == "project" else
+              f"the independent generator (imagecorruptions, {cfg.get('stream', '')}), {cfg['frames_per_type']} "
+              "images per kind")
     lines = [
-        "# Long-term adaptation: ten rounds of the continual stream",
+        f"{top} Long-term adaptation: ten rounds of the continual stream"
+        + ("" if generator == "project" else f", {generator} generator"),
         "",
-        "Generated by `python -m benchmarks.longterm --report` from `benchmarks/results/longterm.json`; "
+        f"Generated by `python -m benchmarks.longterm --report` from `benchmarks/results/{json_name(generator)}`; "
         "the numbers come from the run below, nothing here is typed in by hand.",
         "",
+        f"- Checkpoint (the warmed-up model every method starts from): "
+        f"`{cfg.get('checkpoint', 'export/weights/wrn16_2_erk80_k4.pt')}`.",
         f"- Command: `{cfg['command'].strip()}` (started {cfg['started']}, finished {cfg.get('finished', 'not yet')}).",
         f"- Machine: {cfg['machine']['platform']}, {cfg['machine']['cpus']} CPUs shared with other jobs "
         f"(load average at start {', '.join(f'{v:.1f}' for v in cfg['machine']['load_avg_at_start'])}); "
         f"every method in its own process, {cfg['threads']} thread.",
         f"- Stream: Fashion-MNIST test images presented as 32x32x3 (padded 2 pixels, channel repeated), "
-        f"the 15 corruptions in the standard order at severity {cfg['severity']}, {cfg['frames_per_type']} "
-        f"images per corruption ({cfg['frames_per_round']} frames per round), batch {cfg['batch']}, repeated "
+        f"{stream} ({cfg['frames_per_round']} frames per round), batch {cfg['batch']}, repeated "
         f"{cfg['rounds']} times with no reset. The same images come back every round.",
         f"- Clean error: {cfg['clean_frames']} clean test images not in the stream, predicted with the "
         "adapted state and no update: before round 1 and after rounds "
@@ -683,7 +783,7 @@ def markdown(data: dict[str, Any], fig_dir: str) -> str:
         "affines; CoTTA: the student's weights.",
         "- Peak RSS: the kernel's peak mark of the process, reset at the start of each round.",
         "",
-        "## Error per round (%)",
+        f"{top}# Error per round (%)",
         "",
         "| method | " + " | ".join(f"r{i}" for i in range(1, rounds + 1)) + " | r_last - r1 |",
         "|---|" + "---:|" * (rounds + 1),
@@ -694,7 +794,7 @@ def markdown(data: dict[str, Any], fig_dir: str) -> str:
         cells = [_pct(r["error"]) for r in rs] + ["..."] * (rounds - len(rs))
         lines.append(f"| {label(m)} | " + " | ".join(cells) + f" | {_pct(s.get('drift'), True)} |")
     after = cfg["clean_after"]
-    lines += ["", "## Forgetting: clean error (%) with the adapted state, no update", "",
+    lines += ["", f"{top}# Forgetting: clean error (%) with the adapted state, no update", "",
               "Two ways to predict: as the method predicts single frames (EcoTTA and edgetta: meta "
               "BatchNorms on the running statistics the stream left behind, those of its last "
               "corruption), and with every BatchNorm on the clean batch's statistics (what BN adapt, "
@@ -715,7 +815,7 @@ def markdown(data: dict[str, Any], fig_dir: str) -> str:
             cells += [_pct(pts.get(0))] + [_pct(pts.get(r)) for r in after]
             cells.append(_pct(s["forgetting_batch_stats" if batch_stats else "forgetting"], True))
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
-    lines += ["", "## Parameter distance and memory", "",
+    lines += ["", f"{top}# Parameter distance and memory", "",
               "| method | distance, last round (relative) | peak RSS MiB (max) | peak spread r1-last | r2-last |",
               "|---|---:|---:|---:|---:|"]
     for m in order:
@@ -725,7 +825,7 @@ def markdown(data: dict[str, Any], fig_dir: str) -> str:
         dist = "-" if s["distance_last"] is None else f"{s['distance_last']:.3g} ({s['distance_rel_last']:.2%})"
         spread2 = "-" if s["peak_spread_after_1"] is None else f"{s['peak_spread_after_1']:.1%}"
         lines.append(f"| {label(m)} | {dist} | {s['peak_max']:.0f} | {s['peak_spread']:.1%} | {spread2} |")
-    lines += ["", "## Against the issue's targets (edgetta)", ""]
+    lines += ["", f"{top}# Against the issue's targets (edgetta)", ""]
     for m in [m for m in order if m.startswith("edgetta")]:
         if not methods[m]["rounds"]:
             continue
@@ -747,10 +847,10 @@ def markdown(data: dict[str, Any], fig_dir: str) -> str:
     notes = sorted({n for m in order for n in methods[m].get("notes", [])})
     if notes:
         lines += ["", "Notes from the runs:", ""] + [f"- {n}" for n in notes]
-    lines += ["", "## Figures", "",
-              f"![error per round]({fig_dir}/longterm_error.png)", "",
-              f"![clean error after each checkpointed round]({fig_dir}/longterm_clean.png)", "",
-              f"![peak RSS and parameter distance per round]({fig_dir}/longterm_rss_distance.png)", ""]
+    lines += ["", f"{top}# Figures", "",
+              f"![error per round]({fig_dir}/{prefix}_error.png)", "",
+              f"![clean error after each checkpointed round]({fig_dir}/{prefix}_clean.png)", "",
+              f"![peak RSS and parameter distance per round]({fig_dir}/{prefix}_rss_distance.png)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -775,13 +875,19 @@ def diagnosis_lines(d: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def write_report(json_path: Path, out_dir: Path, doc: Path | None) -> list[Path]:
-    """Plots beside the JSON; the markdown at ``doc`` (docs/longterm.md), or beside the JSON."""
-    data = json.loads(json_path.read_text())
-    written = plots(data, out_dir)
+def write_report(out_dir: Path, doc: Path | None) -> list[Path]:
+    """Plots beside the JSONs; the markdown at ``doc`` (docs/longterm.md), or beside the JSONs:
+    the project generator's report, then every other generator's that has a JSON in ``out_dir``."""
     doc = doc or out_dir / "longterm.md"
     fig_dir = os.path.relpath(out_dir, doc.parent)
-    text = markdown(data, fig_dir)
+    written, parts = [], []
+    for generator in GENERATORS:
+        json_path = out_dir / json_name(generator)
+        if json_path.exists():
+            data = json.loads(json_path.read_text())
+            written += plots(data, out_dir, json_path.stem)
+            parts.append(markdown(data, fig_dir, generator))
+    text = "\n".join(parts)
     if doc.exists():  # keep the hand-written analysis below the generated part
         old = doc.read_text()
         marker = "<!-- analysis -->"
@@ -809,6 +915,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2, help="processes at once")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generator", choices=GENERATORS, default="project",
+                   help="the stream's corruptions: the project's or the independent imagecorruptions'")
+    p.add_argument("--checkpoint", default=None,
+                   help="the warmed-up checkpoint every method starts from (default: export/weights' default)")
     p.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--report", action="store_true", help="only regenerate the report from the JSON")
@@ -836,13 +946,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(a)
     if a.report:
         out_dir = Path(a.out_dir)
-        for path in write_report(out_dir / "longterm.json", out_dir, DOCS if out_dir == RESULTS else None):
+        for path in write_report(out_dir, DOCS if out_dir == RESULTS else None):
             print(f"wrote {path}")
         return 0
     if a.diagnose:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         stream = continual_stream(a.frames_per_type, a.severity, a.seed)
-        diag = diagnose(stream, clean_subset(a.clean_frames, a.seed), a.lam, a.batch)
+        diag = diagnose(stream, clean_subset(a.clean_frames, a.seed), a.lam, a.batch,
+                        Path(a.checkpoint or default_checkpoint()))
         diag["command"] = ("python -m benchmarks.longterm " + shlex.join(a.argv)).strip()
         update_json(Path(a.out_dir) / "longterm.json", {"diagnosis": diag})
         print(json.dumps(diag, indent=1))

@@ -9,6 +9,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+from benchmarks.longterm import checkpoint_label, default_checkpoint
+
 
 def test_longterm_smoke(tmp_path):
     out = tmp_path / "results"
@@ -20,6 +22,7 @@ def test_longterm_smoke(tmp_path):
     data = json.loads((out / "longterm.json").read_text())
     cfg = data["config"]
     assert cfg["rounds"] == 2 and cfg["frames_per_round"] == 30 and cfg["clean_after"] == [1, 2]
+    assert cfg["generator"] == "project" and cfg["checkpoint"] == checkpoint_label(default_checkpoint())
     res = data["methods"]
     assert set(res) == set(methods)
     for m, rec in res.items():
@@ -38,12 +41,11 @@ def test_longterm_smoke(tmp_path):
     assert res["edgetta"]["torch_loaded"] is False and res["tent"]["torch_loaded"] is True
     assert res["edgetta"]["lam"] == 0.5 and res["edgetta_lam0"]["lam"] == 0.0
     # the device runtime follows EcoTTA in PyTorch over rounds: same stream predictions, same
-    # distance, same clean predictions on batch statistics (predictions on running statistics
-    # may differ: the PyTorch reference updates them in each of its two forward passes per step,
-    # edgetta once)
+    # distance, same clean predictions on running and on batch statistics
     assert res["edgetta"]["clean_error_start_batch_stats"] == res["ecotta_torch"]["clean_error_start_batch_stats"]
     for a, b in zip(res["edgetta"]["rounds"], res["ecotta_torch"]["rounds"]):
         assert a["error"] == b["error"] and a["clean_error_batch_stats"] == b["clean_error_batch_stats"]
+        assert a["clean_error"] == b["clean_error"]
         assert abs(a["param_distance"] - b["param_distance"]) <= 1e-3 * b["param_distance"]
     # the regularizer changes the updates
     assert res["edgetta_lam0"]["rounds"][1]["param_distance"] != res["edgetta"]["rounds"][1]["param_distance"]
