@@ -1,24 +1,22 @@
-"""Where one adaptation step's time goes: onnxruntime's profiler on both engines, torch.profiler
-on EcoTTA in PyTorch, side by side in one process (issue 16, item 1).
+"""Where one adaptation step's time goes, before and after the lean graph's speed rewrites
+(issue 16): onnxruntime's profiler on both engines, torch.profiler on EcoTTA in PyTorch, side by
+side in one process.
 
     python -m benchmarks.step_profile                       # WRN-16-2 (built-in) and WRN-40-2 (untrained)
-    python -m benchmarks.step_profile --models wrn16_2 --steps 5 --no-settings
+    python -m benchmarks.step_profile --models wrn28_10 --warmup 1 --steps 3 --add
 
-For each model: the training engine (onnxruntime-training's Module on the bundle's lean training
-graph) and the portable engine (the bundle's portable step on a plain InferenceSession), loaded
-through ``edgetta.engines.select_engine`` with ``SessionOptions.enable_profiling`` set on
-edgetta's own session options (one intra-op thread). A few warm-up steps, then N profiled steps:
-per-op-type totals (ms per step, share of the summed kernel time), named groups (frozen input
-gradients, mask packing and unpacking, layout reorders, ...) and the top nodes. The same
-frames go through EcoTTA in PyTorch (``benchmarks.methods.create("ecotta_torch", ...)``) under
-torch.profiler (self CPU time per aten op). Step times without a profiler are medians of
-separate unprofiled runs; the settings table repeats them with onnxruntime's memory arena or
-weight prepacking switched on. The micro-benchmark times a frozen 3x3 stride-1 convolution's
-input gradient as ``ConvTranspose(dY, W)`` and as ``Conv(dY, W')`` (W' flipped and
-channel-swapped) on the model's own shapes, each alone in a session.
+Each model is exported twice: with export/lean.py's defaults ("after") and with its speed
+rewrites off (``BEFORE``: ConvTranspose input gradients, BitShift mask unpacking). Engines are
+loaded through ``edgetta.engines.select_engine`` with edgetta's own session options (one
+intra-op thread). Phase 1: EcoTTA in PyTorch (``benchmarks.methods.create("ecotta_torch", ...)``)
+stepped in turn with the training engine of both variants, glibc's allocator as it is; then
+torch.profiler's self CPU time per aten op. Phase 2 (glibc's mmap threshold pinned, as the
+Adapter does): both engines of both variants stepped in turn. Phase 3: onnxruntime's profile of
+each (per op type, named groups, top nodes). Optional: the onnxruntime settings (arena,
+prepacking), the micro-benchmarks that chose the rewrites (on the graph before them); by default
+the memory of each engine and variant in a fresh process.
 
-Writes benchmarks/results/step_profile.json and docs/step_time.md (generated from it). The
-process pins glibc's mmap threshold after the PyTorch runs, as the Adapter does.
+Writes benchmarks/results/step_profile.json and docs/step_time.md (generated from it).
 """
 from __future__ import annotations
 
@@ -41,6 +39,7 @@ import numpy as np
 
 from benchmarks.common import RESULTS, ROOT, HelpFormatter, export_cached_bundle, positive_int, run_cli
 from edgetta.system import pin_mmap_threshold, write_text_atomic
+from edgetta_export.lean import LeanOptions
 
 DOC = ROOT / "docs" / "step_time.md"
 OUT = RESULTS / "step_profile.json"
@@ -52,9 +51,10 @@ UNPINNED = "ort-training, glibc's mmap threshold not pinned, stepped in turn wit
 # groups of nodes, by the names the exporter gives them (export/lean.py, export/portable.py) and
 # onnxruntime's layout pass; the first rule that matches wins
 GROUPS: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
-    ("frozen conv input gradient (lean ConvTranspose / depthwise Conv)",
-     lambda name, op: name.endswith("ConvGrad_0_lean")),
-    ("ReLU mask unpacking (BitShift, Cast, Transpose, ...)", lambda name, op: ".unpacked" in name and not name.endswith("_lean")),
+    # onnxruntime's NCHWc pass appends _nchwc to the Conv nodes it converts
+    ("frozen conv input gradient (Conv of flipped kernels, or ConvTranspose)",
+     lambda name, op: "ConvGrad_0_lean" in name),
+    ("ReLU mask unpacking (Gather or BitShift, Cast, Transpose, ...)", lambda name, op: ".unpacked" in name and not name.endswith("_lean")),
     ("ReLU mask application (Mul)", lambda name, op: name.endswith("_lean")),
     ("ReLU mask packing (Greater, Cast, MatMulInteger, ...)", lambda name, op: ".mask" in name or ".band" in name),
     ("NCHWc layout reorders", lambda name, op: op in ("ReorderInput", "ReorderOutput")),
@@ -104,7 +104,7 @@ class EngineProfile:
     portable_replacements: list[Share]  # the group of nodes named portable/*, by op type
     top_nodes: list[NodeTime]
     frozen_input_gradients: list[NodeTime]  # every node of that group
-    unpack_shifts: list[NodeTime]  # the first BitShift of every mask unpacking
+    unpack_heads: list[NodeTime]   # per mask unpacking, its Gather (or first BitShift, before)
 
 
 @dataclass(frozen=True)
@@ -132,21 +132,37 @@ class MicroResult:
     max_abs_diff: float
 
 
+@dataclass(frozen=True)
+class MemoryResult:
+    """One engine's adaptation steps in a fresh, torch-free process
+    (``edgetta.profile.measure_step``), in MiB."""
+    variant: str                  # "before" or "after" the speed rewrites
+    engine: str
+    rss_loaded_mib: float         # the process with the engine loaded
+    peak_after_step_mib: float    # the peak over the steps (reset after loading)
+    step_growth_mib: float        # that peak minus the loaded process
+    flipped_weight_mib: float     # the export-time flipped kernels the lean graph holds (dense)
+
+
 @dataclass
 class ModelReport:
     model: str
-    bundle: str
+    bundle: str                   # after the speed rewrites (export/lean.py's defaults)
+    bundle_before: str            # the same checkpoint exported with them off (BEFORE)
     batch: int
     threads: int
     warmup: int
     steps: int
+    command: str = ""
     step_ms: dict[str, float] = field(default_factory=dict)        # unprofiled medians, by runner
     step_ms_all: dict[str, list[float]] = field(default_factory=dict)
     settings_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # engine -> setting -> ms
     profiles: dict[str, EngineProfile] = field(default_factory=dict)
+    profiles_before: dict[str, EngineProfile] = field(default_factory=dict)
     torch: TorchProfile | None = None
     micro: list[MicroResult] = field(default_factory=list)
     unpack: list[UnpackResult] = field(default_factory=list)
+    memory: list[MemoryResult] = field(default_factory=list)
     load_avg: list[float] = field(default_factory=list)
 
 
@@ -187,15 +203,19 @@ SETTINGS = {"edgetta defaults (arena off, prepacking off)": {}, "memory arena on
             "prepacking on": {"prepacking": True}}
 
 
-def time_engines(bundle_dir: Path, x: np.ndarray, warmup: int, steps: int, threads: int,
-                 settings: dict[str, dict[str, bool]]) -> dict[tuple[str, str], list[float]]:
-    """Wall ms of unprofiled steps, (engine, setting) -> times, every engine under every setting
+def time_engines(bundle_dirs: dict[str, Path], x: np.ndarray, warmup: int, steps: int, threads: int,
+                 settings: dict[str, dict[str, bool]]) -> dict[tuple[str, str, str], list[float]]:
+    """Wall ms of unprofiled steps, (engine, variant, setting) -> times: every engine of every
+    bundle variant under edgetta's defaults, and of the last variant under every setting, all
     loaded at once and stepped in turn."""
     from edgetta.bundle import Bundle
     from edgetta.engines import select_engine
-    bundle = Bundle.open(bundle_dir)
-    runners = {(engine, label): select_engine(engine, bundle, "cpu", opts=_engine_options(threads, **kw))
-               for engine in ENGINES for label, kw in settings.items()}
+    last = list(bundle_dirs)[-1]
+    default = next(iter(settings))
+    runners = {(engine, variant, label): select_engine(engine, Bundle.open(path), "cpu",
+                                                       opts=_engine_options(threads, **kw))
+               for engine in ENGINES for variant, path in bundle_dirs.items()
+               for label, kw in settings.items() if label == default or variant == last}
     times = _interleaved({k: (lambda r=r: r.step(x)) for k, r in runners.items()}, warmup, steps)
     del runners
     gc.collect()
@@ -219,13 +239,29 @@ def profile_engine(bundle_dir: Path, engine: str, x: np.ndarray, warmup: int, st
         if not files:
             raise RuntimeError(f"onnxruntime wrote no profile for engine {engine}")
         events = [e for f in files for e in json.loads(f.read_text())]
-    return summarize(engine, events, warmup, steps, times)
+    return summarize(engine, events, warmup, steps, times, layout_renames(bundle_dir, engine))
+
+
+def layout_renames(bundle_dir: Path, engine: str) -> dict[str, str]:
+    """onnxruntime's x86 NCHWc pass renames every Conv it converts after its output
+    (``<output>_nchwc``): the lean graph's input-gradient Convs, by those names."""
+    import onnx
+
+    from edgetta.bundle import Bundle
+    b = Bundle.open(bundle_dir)
+    graphs = b.manifest.graphs
+    spec = graphs.training if engine == "ort-training" else graphs.portable_step
+    graph = onnx.load(str(b.file(spec.file)), load_external_data=False).graph
+    return {n.output[0] + "_nchwc": n.name for n in graph.node
+            if n.op_type == "Conv" and "ConvGrad_0_lean" in n.name}
 
 
 def summarize(engine: str, events: list[dict[str, Any]], warmup: int, steps: int,
-              step_ms: Sequence[float]) -> EngineProfile:
+              step_ms: Sequence[float], renames: dict[str, str] | None = None) -> EngineProfile:
     """Per-op, per-group and per-node totals of the node kernel events that fall inside the
-    last ``steps`` model runs (earlier runs are the warm-up)."""
+    last ``steps`` model runs (earlier runs are the warm-up); ``renames`` gives nodes that
+    onnxruntime renamed their names in the graph."""
+    renames = renames or {}
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])
     if len(runs) != warmup + steps:
@@ -240,6 +276,7 @@ def summarize(engine: str, events: list[dict[str, Any]], warmup: int, steps: int
         if not any(lo <= e["ts"] <= hi for lo, hi in windows):
             continue
         name = e["name"][:-len("_kernel_time")]
+        name = renames.get(name, name)
         per_node[name] += e["dur"] / 1e3
         if name not in meta:
             shapes = [list(next(iter(s.values()))) for s in e["args"].get("input_type_shape", [])]
@@ -269,8 +306,14 @@ def summarize(engine: str, events: list[dict[str, Any]], warmup: int, steps: int
         groups=table(lambda n: group_of(n, meta[n][0])),
         portable_replacements=table(lambda n: meta[n][0] if n.startswith("portable/") else None),
         top_nodes=[row(n, t) for n, t in ranked[:TOP_NODES]],
-        frozen_input_gradients=[row(n, t) for n, t in ranked if n.endswith("ConvGrad_0_lean")],
-        unpack_shifts=[row(n, t) for n, t in ranked if meta[n][0] == "BitShift" and n.endswith(".high_node")])
+        frozen_input_gradients=[row(n, t) for n, t in ranked if "ConvGrad_0_lean" in n],
+        unpack_heads=[row(n, t) for n, t in ranked if _unpack_head(n, meta[n][0])])
+
+
+def _unpack_head(name: str, op: str) -> bool:
+    """The node that expands a packed mask's bytes (export/lean.py's names)."""
+    return ".unpacked" in name and ((op == "BitShift" and name.endswith(".high_node"))
+                                    or (op == "Gather" and name.endswith((".u8_node", ".flat_node"))))
 
 
 def profile_torch(ckpt: dict[str, Any], hyper: Any, frames: np.ndarray, warmup: int, steps: int,
@@ -402,21 +445,35 @@ def unpack_bitshift_vs_gather(batch: int, mask_bytes: int, threads: int, repeats
 def unpack_sizes(profile: EngineProfile) -> dict[int, int]:
     """Bytes per sample of every packed mask the profiled step unpacked -> how many."""
     sizes: dict[int, int] = defaultdict(int)
-    for node in profile.unpack_shifts:
-        sizes[node.input_shapes[0][1]] += 1
+    for node in profile.unpack_heads:  # BitShift reads (N, bytes, 1); Gather the table, then (N, bytes)
+        sizes[node.input_shapes[0 if node.op == "BitShift" else 1][1]] += 1
     return dict(sizes)
 
 
-def model_bundle(model: str) -> tuple[dict[str, Any], Path]:
-    """The checkpoint and its cached bundle (with the portable step): the built-in checkpoint
-    for wrn16_2, benchmarks.common's untrained recipe for any other zoo model."""
+VARIANTS = ("before", "after")
+# the lean graph as it was before issue 16's rewrites: ConvTranspose input gradients (depthwise
+# ones at stride 1 excepted) and masks unpacked by two BitShifts
+BEFORE = LeanOptions(conv_input_gradients=False, gather_unpack=False)
+
+
+def key(runner: str, variant: str) -> str:
+    """A runner's key in ``ModelReport.step_ms``: the name alone after the rewrites."""
+    return runner if variant == "after" else f"{runner}, before"
+
+
+def model_bundle(model: str) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The checkpoint and its cached bundles (with the portable step), before and after the
+    speed rewrites: the built-in checkpoint for wrn16_2, benchmarks.common's untrained recipe
+    for any other zoo model."""
     from benchmarks.common import untrained_checkpoint
     from edgetta_export import checkpoint
     from edgetta_export.bundle import DEFAULT_CHECKPOINT
     ckpt = checkpoint.load(DEFAULT_CHECKPOINT)
     if ckpt["model"] != model:
         ckpt = untrained_checkpoint(model)
-    return ckpt, export_cached_bundle(ckpt, f"step_profile_{model}", portable=True)
+    return ckpt, {"before": export_cached_bundle(ckpt, f"step_profile_{model}_before", portable=True,
+                                                 lean_options=BEFORE),
+                  "after": export_cached_bundle(ckpt, f"step_profile_{model}", portable=True)}
 
 
 def frames_for(bundle_dir: Path, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -429,58 +486,85 @@ def frames_for(bundle_dir: Path, batch: int, seed: int = 0) -> tuple[np.ndarray,
     return frames, preprocess(frames, b.manifest.input.as_dict())
 
 
+def measure_memory(bundle_dirs: dict[str, Path], batch: int) -> list[MemoryResult]:
+    """Each engine of each variant in a fresh process: RSS once loaded and the steps' peak."""
+    from edgetta.profile import MIB, measure_step
+    out = []
+    for variant, path in bundle_dirs.items():
+        rewrites = json.loads((path / "manifest.json").read_text())["training_graph"]["rewrites"]
+        flipped = rewrites.get("flipped_weight_bytes", 0) / MIB
+        for engine in ENGINES:
+            m = measure_step(path, batch, engine=engine)
+            out.append(MemoryResult(variant, engine, round(m["rss_loaded"] / MIB, 1),
+                                    round(m["peak_after_step"] / MIB, 1), round(m["step_peak"] / MIB, 1),
+                                    round(flipped, 2)))
+    return out
+
+
 def run(models: Sequence[str], batch: int, warmup: int, steps: int, threads: int, *, torch_on: bool = True,
-        settings_on: bool = True, micro_on: bool = True, micro_repeats: int = 10,
-        bundles: dict[str, tuple[dict[str, Any], Path]] | None = None) -> list[ModelReport]:
-    """Every measurement for ``models``; ``bundles`` (model -> checkpoint, bundle) replaces the
-    cached bundles (the tests' tiny one). PyTorch runs first, with glibc's default allocator
-    settings; then the mmap threshold is pinned as the Adapter pins it, and onnxruntime runs."""
+        settings_on: bool = True, micro_on: bool = True, micro_repeats: int = 10, memory_on: bool = True,
+        bundles: dict[str, tuple[dict[str, Any], dict[str, Path]]] | None = None,
+        command: str = "") -> list[ModelReport]:
+    """Every measurement for ``models``, each on its bundles before and after the speed rewrites;
+    ``bundles`` (model -> checkpoint, {"before": path, "after": path}) replaces the cached
+    bundles (the tests' tiny ones). PyTorch runs first, with glibc's default allocator settings,
+    stepped in turn with the training engine of both variants; then the mmap threshold is pinned
+    as the Adapter pins it, and both engines of both variants are stepped in turn."""
     from benchmarks.methods import EcoTTASettings
     from edgetta.bundle import Bundle
     from edgetta.engines import select_engine
     bundles = bundles or {m: model_bundle(m) for m in models}
-    reports = {m: ModelReport(m, os.path.relpath(bundles[m][1], ROOT), batch, threads, warmup, steps)
+    reports = {m: ModelReport(m, os.path.relpath(bundles[m][1]["after"], ROOT),
+                              os.path.relpath(bundles[m][1]["before"], ROOT), batch, threads, warmup, steps, command)
                for m in models}
-    inputs = {m: frames_for(bundles[m][1], batch) for m in models}
+    inputs = {m: frames_for(bundles[m][1]["after"], batch) for m in models}
     if torch_on:
         for m in models:
-            ckpt, bundle_dir = bundles[m]
-            hyper = EcoTTASettings.from_manifest(json.loads((bundle_dir / "manifest.json").read_text()))
-            # the training engine alongside, before the mmap threshold is pinned: a ratio to
+            ckpt, dirs = bundles[m]
+            hyper = EcoTTASettings.from_manifest(json.loads((dirs["after"] / "manifest.json").read_text()))
+            # the training engines alongside, before the mmap threshold is pinned: ratios to
             # PyTorch that the machine's load cannot skew
-            runner = select_engine("ort-training", Bundle.open(bundle_dir), "cpu", opts=_engine_options(threads))
             x = inputs[m][1]
+            runners = {key(UNPINNED, v): select_engine("ort-training", Bundle.open(dirs[v]), "cpu",
+                                                       opts=_engine_options(threads)) for v in VARIANTS}
             plain, prof = profile_torch(ckpt, hyper, inputs[m][0], warmup, steps, threads,
-                                        {UNPINNED: lambda: runner.step(x)})
-            del runner
+                                        {k: (lambda r=r: r.step(x)) for k, r in runners.items()})
+            del runners
+            gc.collect()
             for k, v in plain.items():
                 reports[m].step_ms_all[k] = [round(t, 2) for t in v]
             reports[m].torch = prof
             reports[m].load_avg.append(round(os.getloadavg()[0], 2))
     pin_mmap_threshold()
     for m in models:
-        r, bundle_dir, x = reports[m], bundles[m][1], inputs[m][1]
+        r, dirs, x = reports[m], bundles[m][1], inputs[m][1]
         default = next(iter(SETTINGS))
-        times = time_engines(bundle_dir, x, warmup, steps, threads,
-                             SETTINGS if settings_on else {default: SETTINGS[default]})
+        times = time_engines(dirs, x, warmup, steps, threads, SETTINGS if settings_on else {default: SETTINGS[default]})
         r.load_avg.append(round(os.getloadavg()[0], 2))
         for engine in ENGINES:
-            r.step_ms_all[engine] = [round(t, 2) for t in times[(engine, default)]]
+            for v in VARIANTS:
+                r.step_ms_all[key(engine, v)] = [round(t, 2) for t in times[(engine, v, default)]]
             if settings_on:
-                r.settings_ms[engine] = {label: round(_median(times[(engine, label)]), 2) for label in SETTINGS}
-        for engine in ENGINES:
-            r.profiles[engine] = profile_engine(bundle_dir, engine, x, warmup, steps, threads)
-            r.load_avg.append(round(os.getloadavg()[0], 2))
+                r.settings_ms[engine] = {label: round(_median(times[(engine, "after", label)]), 2)
+                                         for label in SETTINGS}
+        for v in VARIANTS:
+            for engine in ENGINES:
+                (r.profiles if v == "after" else r.profiles_before)[engine] = profile_engine(
+                    dirs[v], engine, x, warmup, steps, threads)
+                r.load_avg.append(round(os.getloadavg()[0], 2))
         r.step_ms = {k: round(_median(v), 2) for k, v in r.step_ms_all.items()}
-        if micro_on:
-            profile = r.profiles["ort-training"]
+        if micro_on:  # the candidates as they were measured before they were applied
+            profile = r.profiles_before["ort-training"]
             node_ms = {n.name: n.ms_per_step for n in profile.frozen_input_gradients}
-            for (c_in, c_out, h, w), names in sorted(stride1_input_gradients(bundle_dir, profile).items()):
+            for (c_in, c_out, h, w), names in sorted(stride1_input_gradients(dirs["before"], profile).items()):
                 for prepacking in (False, True):
                     r.micro.append(conv_transpose_vs_conv(c_in, c_out, (h, w), batch, threads, prepacking,
                                                           micro_repeats, len(names), sum(node_ms[n] for n in names)))
             for size, count in sorted(unpack_sizes(profile).items()):
                 r.unpack.append(unpack_bitshift_vs_gather(batch, size, threads, micro_repeats, count))
+            r.load_avg.append(round(os.getloadavg()[0], 2))
+        if memory_on:
+            r.memory = measure_memory(dirs, batch)
             r.load_avg.append(round(os.getloadavg()[0], 2))
     return [reports[m] for m in models]
 
@@ -519,33 +603,44 @@ def _group(profile: dict[str, Any], prefix: str) -> dict[str, Any]:
                 {"name": prefix, "ms_per_step": 0.0, "share": 0.0, "nodes": 0})
 
 
+def _ratios(m: dict[str, Any], variant: str) -> dict[str, float]:
+    """The issue's two ratios for one variant: training engine / PyTorch (stepped in turn, neither
+    allocator setting changed) and portable / training engine (stepped in turn, pinned)."""
+    ms = m["step_ms"]
+    out = {"portable_over_training": ms[key("onnx", variant)] / ms[key("ort-training", variant)]}
+    if "ecotta_torch" in ms:
+        out["training_over_torch"] = ms[key(UNPINNED, variant)] / ms["ecotta_torch"]
+    return out
+
+
 def _reading(m: dict[str, Any]) -> list[str]:
     """The short reading of one model's tables: every figure comes from the report."""
     tr, po = m["profiles"]["ort-training"], m["profiles"]["onnx"]
     ms = m["step_ms"]
     lines = []
+    before, after = _ratios(m, "before"), _ratios(m, "after")
     if "ecotta_torch" in ms:
-        lines.append(f"- Step, unprofiled medians: stepped in turn with PyTorch (neither process-wide "
-                     f"allocator setting changed), the training engine took {ms[UNPINNED]:.0f} ms and EcoTTA in "
-                     f"PyTorch {ms['ecotta_torch']:.0f} ms: {ms[UNPINNED] / ms['ecotta_torch']:.2f}x PyTorch "
-                     f"(issue 16 wants at most 1.0).")
-    lines.append(f"- Stepped in turn, with the mmap threshold pinned as the Adapter pins it: training engine "
-                 f"{ms['ort-training']:.0f} ms, portable {ms['onnx']:.0f} ms, "
-                 f"{ms['onnx'] / ms['ort-training']:.2f}x the training engine (issue 16 wants at most 1.2).")
+        lines.append(f"- Training engine against EcoTTA in PyTorch (stepped in turn, neither process-wide allocator "
+                     f"setting changed): {ms[key(UNPINNED, 'before')]:.0f} ms before, {ms[UNPINNED]:.0f} ms after, "
+                     f"PyTorch {ms['ecotta_torch']:.0f} ms: {before['training_over_torch']:.2f}x before, "
+                     f"{after['training_over_torch']:.2f}x after (issue 16 wants at most 1.0).")
+    lines.append(f"- Portable engine against the training engine (stepped in turn, mmap threshold pinned as the "
+                 f"Adapter pins it): training {ms[key('ort-training', 'before')]:.0f} -> {ms['ort-training']:.0f} ms, "
+                 f"portable {ms[key('onnx', 'before')]:.0f} -> {ms['onnx']:.0f} ms: "
+                 f"{before['portable_over_training']:.2f}x before, {after['portable_over_training']:.2f}x after "
+                 f"(issue 16 wants at most 1.2).")
+    for label, engine in (("training engine", "ort-training"), ("portable engine", "onnx")):
+        b, a = m["profiles_before"][engine], m["profiles"][engine]
+        fig_b, fig_a = _group(b, "frozen conv input gradient"), _group(a, "frozen conv input gradient")
+        un_b, un_a = _group(b, "ReLU mask unpacking"), _group(a, "ReLU mask unpacking")
+        lines.append(f"- Profiled, {label}: frozen conv input gradients {fig_b['ms_per_step']:.0f} -> "
+                     f"{fig_a['ms_per_step']:.0f} ms, mask unpacking {un_b['ms_per_step']:.0f} -> "
+                     f"{un_a['ms_per_step']:.0f} ms, NCHWc reorders {_group(b, 'NCHWc')['ms_per_step']:.0f} -> "
+                     f"{_group(a, 'NCHWc')['ms_per_step']:.0f} ms; all kernels {b['kernel_ms_per_step']:.0f} -> "
+                     f"{a['kernel_ms_per_step']:.0f} ms per step.")
     for label, p in (("training engine", tr), ("portable engine", po)):
         top = ", ".join(f"{g['name'].split(' (')[0]} {100 * g['share']:.0f}%" for g in p["groups"][:4])
-        lines.append(f"- Largest groups, {label}: {top}.")
-    fig = _group(tr, "frozen conv input gradient")
-    unpack, pack, apply = _group(tr, "ReLU mask unpacking"), _group(tr, "ReLU mask packing"), _group(tr, "ReLU mask application")
-    reorder = _group(tr, "NCHWc layout reorders")
-    mask_ms = unpack["ms_per_step"] + pack["ms_per_step"] + apply["ms_per_step"]
-    mask_share = unpack["share"] + pack["share"] + apply["share"]
-    lines.append(f"- Upper bounds of item 1's candidates on the training engine (the share a candidate's "
-                 f"nodes take; removing them entirely saves at most that): frozen input gradients "
-                 f"{fig['ms_per_step']:.0f} ms ({100 * fig['share']:.0f}%), the ReLU masks "
-                 f"(packing {100 * pack['share']:.0f}%, unpacking {100 * unpack['share']:.0f}%, applying "
-                 f"{100 * apply['share']:.0f}%: {mask_ms:.0f} ms, {100 * mask_share:.0f}% together), NCHWc layout "
-                 f"reorders {reorder['ms_per_step']:.0f} ms ({100 * reorder['share']:.0f}%).")
+        lines.append(f"- Largest groups now, {label}: {top}.")
     rep = _group(po, "portable step's")
     if rep["ms_per_step"]:
         conv = next((r for r in po["portable_replacements"] if r["name"] == "Conv"), None)
@@ -555,48 +650,39 @@ def _reading(m: dict[str, Any]) -> list[str]:
                      f"({100 * rep['share']:.0f}%) where the training engine runs onnxruntime-training's "
                      f"fused kernels (meta ConvGrad {_op_ms(tr, 'ConvGrad'):.0f} ms, BatchNorm and its gradient "
                      f"{_op_ms(tr, 'BatchNormInternal') + _op_ms(tr, 'BatchNormalizationGrad'):.0f} ms){extra}.")
-    settings = m.get("settings_ms") or {}
-    for engine, label in (("ort-training", "training"), ("onnx", "portable")):
-        s = settings.get(engine)
-        if s:
-            base = s["edgetta defaults (arena off, prepacking off)"]
-            parts = ", ".join(f"{k} {v:.0f} ms ({v / base:.2f}x)" for k, v in s.items() if not k.startswith("edgetta"))
-            lines.append(f"- Settings, {label} engine (unprofiled): defaults {base:.0f} ms; {parts}.")
-    micro = [r for r in m["micro"] if not r["prepacking"]]
-    if micro:
-        ct = _op_ms(tr, "ConvTranspose")
-        saved = sum(r["step_ms"] * (1 - r["conv_over_conv_transpose"]) for r in micro)
-        alone = sum(r["step_ms"] for r in micro)
-        lines.append(f"- Micro-benchmark (prepacking off, as edgetta runs): the stride-1 3x3 frozen input "
-                     f"gradients as Conv with flipped, channel-swapped weights take "
-                     + ", ".join(f"{r['conv_over_conv_transpose']:.2f}x" for r in micro)
-                     + " the ConvTranspose time on the shapes below; applied to what those nodes took in "
-                     f"the profiled step ({alone:.0f} ms of the step's {ct:.0f} ms of ConvTranspose), that "
-                     f"would change the step by {-saved:+.0f} ms, before any reorders a Conv adds in the "
-                     f"whole graph. The flipped copies of those weights would add "
-                     f"{sum(r['nodes_in_graph'] * r['c_in'] * r['c_out'] * 9 * 4 for r in micro) / 2**20:.1f} MiB "
-                     "(dense float32) unless the forward Conv's copy is dropped (item 2).")
-    unpack = m.get("unpack") or []
-    if unpack:
-        group = _group(tr, "ReLU mask unpacking")
-        saved = sum(r["masks_in_graph"] * (r["bitshift_ms"] - r["gather_ms"]) for r in unpack)
-        chain = sum(r["masks_in_graph"] * r["bitshift_ms"] for r in unpack)
-        lines.append(f"- Micro-benchmark, mask unpacking: one Gather from a 256 x 8 table takes "
-                     + ", ".join(f"{r['gather_over_bitshift']:.2f}x" for r in unpack)
-                     + f" the time of lean's BitShift chain on the mask sizes below; over the step's "
-                     f"{sum(r['masks_in_graph'] for r in unpack)} unpackings it would save about {saved:.0f} ms of "
-                     f"the chain's {chain:.0f} ms measured alone (the profiled unpacking group: "
-                     f"{group['ms_per_step']:.0f} ms per step, including the NHWC masks' byte transposes, which "
-                     "this does not measure).")
-    if micro and unpack and UNPINNED in ms:
-        both = (sum(r["step_ms"] * (1 - r["conv_over_conv_transpose"]) for r in micro)
-                + sum(r["masks_in_graph"] * (r["bitshift_ms"] - r["gather_ms"]) for r in unpack))
-        gap = ms[UNPINNED] - ms["ecotta_torch"]
-        against = (f"against a gap to PyTorch of {gap:.0f} ms ({both / gap:.0%} of it; the two figures come from "
-                   "different phases of one run)" if gap > 0 else "(the training engine is already no slower than "
-                   "PyTorch here)")
-        lines.append(f"- Both measured candidates together: about {both:.0f} ms per step, {against}.")
+    mem = {(r["variant"], r["engine"]): r for r in m.get("memory") or []}
+    if mem:
+        parts = [f"{'training' if e == 'ort-training' else 'portable'} engine {mem['before', e]['rss_loaded_mib']:.0f} -> "
+                 f"{mem['after', e]['rss_loaded_mib']:.0f} MiB loaded, peak {mem['before', e]['peak_after_step_mib']:.0f} "
+                 f"-> {mem['after', e]['peak_after_step_mib']:.0f} MiB" for e in ENGINES if ("after", e) in mem]
+        lines.append(f"- Memory, fresh processes (one run each, so a few MiB is noise): the flipped kernels are "
+                     f"{mem['after', ENGINES[0]]['flipped_weight_mib']:.1f} MiB dense; " + "; ".join(parts) + ".")
     return lines
+
+
+def _comparison_rows(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Groups of one engine's profile, before and after the rewrites."""
+    names = [g["name"] for g in after["groups"]] + [g["name"] for g in before["groups"]
+                                                     if g["name"] not in {a["name"] for a in after["groups"]}]
+    out = ["| | before ms / step | after ms / step | after - before |", "|---|---|---|---|"]
+    for n in names:
+        b, a = _group(before, n)["ms_per_step"], _group(after, n)["ms_per_step"]
+        out.append(f"| {n} | {b:.1f} | {a:.1f} | {a - b:+.1f} |")
+    out.append(f"| all node kernels | {before['kernel_ms_per_step']:.1f} | {after['kernel_ms_per_step']:.1f} | "
+               f"{after['kernel_ms_per_step'] - before['kernel_ms_per_step']:+.1f} |")
+    return out
+
+
+RUNNER_LABELS = {"ort-training": "training engine", "onnx": "portable engine", "ecotta_torch": "EcoTTA in PyTorch",
+                 UNPINNED: "training engine, stepped in turn with PyTorch, mmap threshold not pinned"}
+
+
+def _runner_label(k: str) -> str:
+    for variant in VARIANTS:
+        for runner, label in RUNNER_LABELS.items():
+            if k == key(runner, variant):
+                return f"{label}, {variant}" if runner != "ecotta_torch" else label
+    return k
 
 
 def render(report: dict[str, Any]) -> str:
@@ -604,47 +690,77 @@ def render(report: dict[str, Any]) -> str:
     out = ["# Where the adaptation step's time goes",
            "",
            "Generated by `python -m benchmarks.step_profile` from `benchmarks/results/step_profile.json`; do "
-           "not edit by hand. Issue 16, item 1: measurement only, nothing here changes the graphs.",
+           "not edit by hand. Issue 16: the lean graph's speed rewrites (export/lean.py: stride-1 frozen input "
+           "gradients as a Conv of flipped, channel-swapped kernels; masks unpacked by one Gather from a 256 x 8 "
+           "table), each model's bundle measured before (`LeanOptions(conv_input_gradients=False, "
+           "gather_unpack=False)`) and after (the defaults) in one run.",
            "",
-           f"Command: `{report['command']}`. Machine: {report['machine']['platform']}, "
-           f"{report['machine']['cpus']} CPUs shared with other jobs (load average per phase is listed "
-           f"under each model; timings are noisy, ratios within one run are what to compare). "
-           f"Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+           f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs shared with other jobs "
+           f"(load average per phase is listed under each model; timings are noisy, ratios within one run are "
+           f"what to compare). Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
            "",
            "How: each engine is loaded through `edgetta.engines.select_engine` with edgetta's session "
-           "options plus `enable_profiling`; onnxruntime-training's Module gets them through "
-           "`session_options=`. Warm-up steps are dropped; ms per step are node kernel times summed "
-           "over the profiled steps and divided by their number; shares are of the summed kernel time. "
-           "Frames are random uint8 images (time does not depend on pixel values). PyTorch's figures "
-           "are torch.profiler's self CPU time per op.",
-           ""]
+           "options (one intra-op thread); the runners of one phase are loaded together and stepped in turn "
+           "(A, B, A, B, ...), so that the machine's load falls on all alike; step ms are medians of unprofiled "
+           "steps. The profiles add `enable_profiling` (onnxruntime-training's Module gets it through "
+           "`session_options=`); warm-up steps are dropped; ms per step are node kernel times summed over the "
+           "profiled steps and divided by their number; shares are of the summed kernel time. Frames are random "
+           "uint8 images (time does not depend on pixel values). PyTorch's figures are torch.profiler's self "
+           "CPU time per op. Memory: `edgetta.profile.measure_step`, a fresh torch-free process per engine "
+           "and variant, batch as above, two steps.",
+           "",
+           "## Summary: the issue's ratios, before and after, each model's in one run",
+           "",
+           "| model | batch | EcoTTA in PyTorch ms | training engine ms, before -> after | training / PyTorch, "
+           "before -> after | portable engine ms, before -> after | portable / training, before -> after | "
+           "load average (1 min) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        ms, b, a = m["step_ms"], _ratios(m, "before"), _ratios(m, "after")
+        torch_ms = f"{ms['ecotta_torch']:.0f}" if "ecotta_torch" in ms else "not run"
+        tt = (f"{b['training_over_torch']:.2f} -> {a['training_over_torch']:.2f}" if "training_over_torch" in a
+              else "not run")
+        tr_ms = (f"{ms[key(UNPINNED, 'before')]:.0f} -> {ms[UNPINNED]:.0f}" if UNPINNED in ms else
+                 f"{ms[key('ort-training', 'before')]:.0f} -> {ms['ort-training']:.0f}")
+        out.append(f"| {m['model']} | {m['batch']} | {torch_ms} | {tr_ms} | {tt} | {ms[key('onnx', 'before')]:.0f} -> "
+                   f"{ms['onnx']:.0f} | {b['portable_over_training']:.2f} -> {a['portable_over_training']:.2f} | "
+                   f"{min(m['load_avg']):.2f}-{max(m['load_avg']):.2f} |")
+    out += ["", "The training engine's figures in the first ms column are those stepped in turn with PyTorch; "
+            "the portable / training ratio comes from the later phase where both engines of both variants were "
+            "stepped in turn.", ""]
     for m in report["models"]:
         tr, po = m["profiles"]["ort-training"], m["profiles"]["onnx"]
         out += [f"## {m['model']}, batch {m['batch']}, {m['threads']} thread(s)", "",
-                f"Bundle `{m['bundle']}`; {m['warmup']} warm-up then {m['steps']} measured steps per run; "
+                f"Command: `{m.get('command') or report['command']}`. Bundles `{m['bundle_before']}` (before) and "
+                f"`{m['bundle']}` (after); {m['warmup']} warm-up then {m['steps']} measured steps per run; "
                 f"load average (1 min) after each phase: {', '.join(str(v) for v in m['load_avg'])}.", "",
-                "Unprofiled steps: the runners of one table section were loaded together and stepped in "
-                "turn. The first two rows ran with glibc's mmap threshold pinned (as the Adapter runs), "
-                "after the PyTorch rows (which ran with glibc's defaults).", "",
-                "| runner | step ms, unprofiled (median) | profiled step ms | kernel ms summed |",
-                "|---|---|---|---|"]
-        for name, label in (("ort-training", "training engine"), ("onnx", "portable engine")):
-            p = m["profiles"][name]
-            out.append(f"| {label} | {m['step_ms'][name]:.1f} | {p['profiled_step_ms']:.1f} | {p['kernel_ms_per_step']:.1f} |")
+                "| runner | step ms, unprofiled (median) |", "|---|---|"]
+        out += [f"| {_runner_label(k)} | {v:.1f} |" for k, v in m["step_ms"].items()]
+        profiled = [f"| {label}, {v} | {p['profiled_step_ms']:.1f} | {p['kernel_ms_per_step']:.1f} |"
+                    for v, profs in (("before", m["profiles_before"]), ("after", m["profiles"]))
+                    for e, label in (("ort-training", "training engine"), ("onnx", "portable engine"))
+                    for p in [profs[e]]]
         if m.get("torch"):
-            t = m["torch"]
-            out.append(f"| EcoTTA in PyTorch | {m['step_ms']['ecotta_torch']:.1f} | {t['profiled_step_ms']:.1f} | "
-                       f"{t['self_cpu_ms_per_step']:.1f} (self CPU) |")
-            out.append(f"| training engine, stepped in turn with PyTorch, mmap threshold not pinned | "
-                       f"{m['step_ms'][UNPINNED]:.1f} | | |")
+            profiled.append(f"| EcoTTA in PyTorch | {m['torch']['profiled_step_ms']:.1f} | "
+                            f"{m['torch']['self_cpu_ms_per_step']:.1f} (self CPU) |")
+        out += ["", "| profiled runner | profiled step ms | kernel ms summed |", "|---|---|---|", *profiled]
         out += ["", "Reading:", "", *_reading(m), ""]
+        if m.get("memory"):
+            out += ["### Memory, fresh process per engine and variant (MiB)", "",
+                    "| variant | engine | RSS loaded | peak over the steps | step's growth | flipped kernels (dense) |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {r['variant']} | {r['engine']} | {r['rss_loaded_mib']:.1f} | {r['peak_after_step_mib']:.1f} | "
+                    f"{r['step_growth_mib']:.1f} | {r['flipped_weight_mib']:.2f} |" for r in m["memory"]]
+            out.append("")
+        for label, engine in (("training engine", "ort-training"), ("portable engine", "onnx")):
+            out += [f"### {label}: groups before and after", "",
+                    *_comparison_rows(m["profiles_before"][engine], m["profiles"][engine]), ""]
         for label, p in (("training engine", tr), ("portable engine", po)):
-            out += [f"### {label}: groups", "", *_share_rows(p["groups"], 20), "",
-                    f"### {label}: op types", "", *_share_rows(p["ops"], 15), ""]
+            out += [f"### {label}, after: op types", "", *_share_rows(p["ops"], 15), ""]
             if p["portable_replacements"]:
-                out += [f"### {label}: the replacement nodes (portable/*) by op type", "",
+                out += [f"### {label}, after: the replacement nodes (portable/*) by op type", "",
                         *_share_rows(p["portable_replacements"], 10), ""]
-            out += [f"### {label}: top {len(p['top_nodes'])} nodes", "",
+            out += [f"### {label}, after: top {len(p['top_nodes'])} nodes", "",
                     "| node | op | ms / step | share | input shapes |", "|---|---|---|---|---|"]
             out += [f"| `{n['name']}` | {n['op']} | {n['ms_per_step']:.2f} | {100 * n['share']:.1f}% | "
                     f"{' '.join('x'.join(map(str, s)) for s in n['input_shapes'])} |" for n in p["top_nodes"]]
@@ -652,18 +768,17 @@ def render(report: dict[str, Any]) -> str:
         if m.get("torch"):
             out += ["### EcoTTA in PyTorch: ops by self CPU time", "", *_share_rows(m["torch"]["ops"], 15), ""]
         if m["settings_ms"]:
-            out += ["### onnxruntime settings (unprofiled step ms, median)", "",
+            out += ["### onnxruntime settings, after (unprofiled step ms, median)", "",
                     "| engine | " + " | ".join(next(iter(m["settings_ms"].values()))) + " |",
                     "|---|" + "---|" * len(next(iter(m["settings_ms"].values())))]
             out += [f"| {e} | " + " | ".join(f"{v:.1f}" for v in s.values()) + " |" for e, s in m["settings_ms"].items()]
             out.append("")
         if m["micro"]:
-            out += ["### Micro-benchmark: a frozen conv's input gradient, ConvTranspose vs Conv", "",
+            out += ["### Micro-benchmark (before's graph): a frozen conv's input gradient, ConvTranspose vs Conv", "",
                     "dY of shape (batch, C_out, H, W) to dX, 3x3, stride 1, pad 1, each op alone in a session "
-                    "with edgetta's options and one thread (the Conv gets onnxruntime's NCHWc reorders "
-                    "around it); Conv's weights are the ConvTranspose's flipped and channel-swapped. "
-                    "`nodes` is how many frozen input gradients of this shape the lean graph has, `in step` what "
-                    "they took in the profiled training-engine step.", "",
+                    "with edgetta's options and one thread; Conv's weights are the ConvTranspose's flipped and "
+                    "channel-swapped. `nodes`: frozen input gradients of this shape, `in step`: what they took in "
+                    "the profiled training-engine step before the rewrites.", "",
                     "| C_in | C_out | H x W | nodes | in step ms | prepacking | ConvTranspose ms | Conv ms | Conv / ConvTranspose | max abs diff |",
                     "|---|---|---|---|---|---|---|---|---|---|"]
             out += [f"| {r['c_in']} | {r['c_out']} | {r['hw'][0]}x{r['hw'][1]} | {r['nodes_in_graph']} | {r['step_ms']:.1f} | "
@@ -671,11 +786,11 @@ def render(report: dict[str, Any]) -> str:
                     f"{r['conv_over_conv_transpose']:.2f} | {r['max_abs_diff']:.1e} |" for r in m["micro"]]
             out.append("")
         if m.get("unpack"):
-            out += ["### Micro-benchmark: unpacking a bit-packed ReLU mask, BitShift chain vs Gather", "",
+            out += ["### Micro-benchmark (before's graph): unpacking a bit-packed ReLU mask, BitShift chain vs Gather", "",
                     "(batch, bytes) uint8 to (batch, 8 x bytes) float 0/1, alone in a session with edgetta's "
-                    "options and one thread: lean's chain for NCHW masks (Reshape, BitShift left by 7-k, "
+                    "options and one thread: the chain for NCHW masks (Reshape, BitShift left by 7-k, "
                     "BitShift right by 7, Cast, Reshape) against Cast to int32, Gather from a 256 x 8 float "
-                    "table, Reshape. `masks` is how many unpackings of that size one profiled step ran.", "",
+                    "table, Reshape. `masks`: unpackings of that size in one step.", "",
                     "| bytes / sample | masks | BitShift chain ms | Gather ms | Gather / chain | max abs diff |",
                     "|---|---|---|---|---|---|"]
             out += [f"| {r['mask_bytes']} | {r['masks_in_graph']} | {r['bitshift_ms']:.2f} | {r['gather_ms']:.2f} | "
@@ -695,8 +810,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--micro-repeats", type=positive_int, default=10)
     p.add_argument("--no-torch", action="store_true", help="skip EcoTTA in PyTorch")
-    p.add_argument("--no-settings", action="store_true", help="skip the arena / prepacking timings")
-    p.add_argument("--no-micro", action="store_true", help="skip the ConvTranspose-vs-Conv micro-benchmark")
+    p.add_argument("--settings", action="store_true", help="also time the arena / prepacking settings")
+    p.add_argument("--micro", action="store_true",
+                   help="also run the ConvTranspose-vs-Conv and unpacking micro-benchmarks on the graph before")
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
+    p.add_argument("--add", action="store_true",
+                   help="keep the other models of the existing --out report (a model measured again is replaced)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--doc", type=Path, default=DOC, help="markdown written from the report")
     p.add_argument("--render-only", action="store_true", help="only write --doc from the existing --out report")
@@ -705,10 +824,14 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(a.doc, render(json.loads(a.out.read_text())) + "\n")
         print(f"wrote {a.doc}")
         return 0
-    command = "python -m benchmarks.step_profile " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = ("python -m benchmarks.step_profile " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     reports = run(a.models, a.batch, a.warmup, a.steps, a.threads, torch_on=not a.no_torch,
-                  settings_on=not a.no_settings, micro_on=not a.no_micro, micro_repeats=a.micro_repeats)
-    data = to_json(reports, command.strip())
+                  settings_on=a.settings, micro_on=a.micro, micro_repeats=a.micro_repeats,
+                  memory_on=not a.no_memory, command=command)
+    data = to_json(reports, command)
+    if a.add and a.out.exists():
+        fresh = {m["model"] for m in data["models"]}
+        data["models"] = [m for m in json.loads(a.out.read_text())["models"] if m["model"] not in fresh] + data["models"]
     write_text_atomic(a.out, json.dumps(data, indent=1))
     write_text_atomic(a.doc, render(data) + "\n")
     print(f"wrote {a.out} and {a.doc}")
