@@ -8,9 +8,10 @@ bundle's training graph into ``portable_step.onnx``, which plain onnxruntime run
              by SGD with momentum (v = momentum * v + g; p = p - lr * v)
 
 Each onnxruntime-training op of the generated graph is replaced by its standard-op definition:
-BatchNormInternal (training-mode BatchNorm), BatchNormalizationGrad, ConvGrad (input gradient by
-ConvTranspose, grouped as the convolution is, weight gradient by a convolution of the transposed input with the transposed
-output gradient), ReluGrad, LogSoftmaxGrad, Scale; gradient accumulators are dropped.
+BatchNormInternal (training-mode BatchNorm), BatchNormalizationGrad, ConvGrad (input gradient by a
+Conv of the flipped, channel-swapped kernels at stride 1, else by ConvTranspose, grouped as the
+convolution is; weight gradient by one MatMul per kernel offset), ReluGrad, LogSoftmaxGrad, Scale;
+gradient accumulators are dropped.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _batchnorm(b: _Builder, node: onnx.NodeProto) -> None:
     d = b.op("Sub", [x, mean4])
     var4 = b.op("ReduceMean", [b.op("Mul", [d, d])], axes=AXES_NCHW, keepdims=1)
     inv4 = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var4, b.const(eps, np.float32)])])])
-    y = b.op("Mul", [b.op("Mul", [d, inv4]), b.per_channel(scale)])
+    y = b.op("Mul", [d, b.op("Mul", [inv4, b.per_channel(scale)])])  # per-channel factors first: one pass over x
     b.op("Add", [y, b.per_channel(bias)], node.output[0])
     outs = list(node.output) + [""] * 5
     if outs[3]:
@@ -81,8 +82,10 @@ def _batchnorm_grad(b: _Builder, node: onnx.NodeProto) -> None:
         shape = b.op("Shape", [x])
         count = b.op("Div", [b.op("Cast", [b.op("Size", [x])], to=TensorProto.FLOAT),
                              b.op("Cast", [b.op("Gather", [shape, b.const(1)], axis=0)], to=TensorProto.FLOAT)])
-        centred = b.op("Add", [b.per_channel(dbias), b.op("Mul", [xhat, b.per_channel(dscale)])])
-        inner = b.op("Sub", [dy, b.op("Div", [centred, count])])
+        # the per-channel sums divided by the count before they meet x's size: one pass fewer
+        centred = b.op("Add", [b.op("Mul", [xhat, b.op("Div", [b.per_channel(dscale), count])]),
+                               b.op("Div", [b.per_channel(dbias), count])])
+        inner = b.op("Sub", [dy, centred])
         b.op("Mul", [b.op("Mul", [b.per_channel(scale), inv4]), inner], dx_out)
 
 
@@ -101,20 +104,71 @@ def _conv_grad(b: _Builder, node: onnx.NodeProto, spatial: dict[str, list[int]])
     xs = spatial[x]
     ys = [(xs[d] + pads[d] + pads[d + nd] - dil[d] * (k[d] - 1) - 1) // strides[d] + 1 for d in range(nd)]
     if outs[0]:
-        out_pad = [xs[d] - ((ys[d] - 1) * strides[d] - pads[d] - pads[d + nd] + dil[d] * (k[d] - 1) + 1)
-                   for d in range(nd)]
-        # a grouped conv's weights (Cout, Cin/g, k, k) are ConvTranspose's (Cin', Cout'/g, k, k)
-        # for dY -> dX, group for group
-        b.op("ConvTranspose", [dy, w], outs[0], kernel_shape=k, strides=strides, pads=pads,
-             dilations=dil, output_padding=out_pad, group=group)
+        _input_gradient(b, dy, w, outs[0], k, strides, pads, dil, group, xs, ys)
     if outs[1]:
-        xt = b.op("Transpose", [x], perm=[1, 0, 2, 3])
-        dyt = b.op("Transpose", [dy], perm=[1, 0, 2, 3])
-        r = b.op("Conv", [xt, dyt], pads=pads, strides=dil, dilations=strides)
-        r = b.op("Slice", [r, b.const([0, 0]), b.const(k), b.const([2, 3])])
-        b.op("Transpose", [r], outs[1], perm=[1, 0, 2, 3])
+        _weight_gradient(b, dy, x, outs[1], k, strides, pads, dil, ys)
     if outs[2]:
         b.op("ReduceSum", [dy, b.const(AXES_NCHW)], outs[2], keepdims=0)
+
+
+def _input_gradient(b: _Builder, dy: str, w: str, out: str, k: list[int], strides: list[int], pads: list[int],
+                    dil: list[int], group: int, xs: list[int], ys: list[int]) -> None:
+    """dX of a convolution whose weights are a graph input (a meta network's). At stride 1 (plain
+    conv, padding within the dilated kernel) a Conv of dY with the kernels flipped and their
+    channel axes swapped, both done on the weights in the graph, which onnxruntime's CPU kernels
+    run faster than ConvTranspose (as lean.py's frozen ones); otherwise ConvTranspose."""
+    nd = len(k)
+    conv_pads = [dil[d % nd] * (k[d % nd] - 1) - pads[d] for d in range(2 * nd)]
+    if group == 1 and set(strides) == {1} and min(conv_pads) >= 0:
+        axes = list(range(2, 2 + nd))
+        flipped = b.op("Slice", [w, b.const([-1] * nd), b.const([-(2 ** 63)] * nd), b.const(axes), b.const([-1] * nd)])
+        swapped = b.op("Transpose", [flipped], perm=[1, 0, *axes])
+        b.op("Conv", [dy, swapped], out, kernel_shape=k, pads=conv_pads, dilations=dil)
+        return
+    out_pad = [xs[d] - ((ys[d] - 1) * strides[d] - pads[d] - pads[d + nd] + dil[d] * (k[d] - 1) + 1)
+               for d in range(nd)]
+    # a grouped conv's weights (Cout, Cin/g, k, k) are ConvTranspose's (Cin', Cout'/g, k, k)
+    # for dY -> dX, group for group
+    b.op("ConvTranspose", [dy, w], out, kernel_shape=k, strides=strides, pads=pads,
+         dilations=dil, output_padding=out_pad, group=group)
+
+
+def _weight_gradient(b: _Builder, dy: str, x: str, out: str, k: list[int], strides: list[int], pads: list[int],
+                     dil: list[int], ys: list[int]) -> None:
+    """dW of a plain 2-D convolution as one matrix product per kernel offset (a, b):
+    dW[:, :, a, b] = dY (Cout, N*Ho*Wo) @ X_ab (N*Ho*Wo, Cin), X_ab the padded input seen from
+    that offset (a strided Slice). About 2x faster than a Conv of the transposed tensors
+    (docs/step_time.md); the offsets are emitted one after another, and onnxruntime runs the
+    lowest-numbered ready node first, so one slice exists at a time."""
+    nd = len(k)
+    if nd != 2:
+        raise ExportError(f"weight gradient of a {nd}-D convolution has no portable form here")
+    xt = b.op("Transpose", [x], perm=[1, 0, 2, 3])  # (Cin, N, H, W)
+    if any(pads):
+        xt = b.op("Pad", [xt, b.const([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]])])
+    dy_rows = b.op("Reshape", [b.op("Transpose", [dy], perm=[0, 2, 3, 1]),
+                               b.op("Concat", [b.const([-1]), b.op("Shape", [dy], start=1, end=2)], axis=0)])
+    parts = []
+    for i in range(k[0]):
+        for j in range(k[1]):
+            starts = [i * dil[0], j * dil[1]]
+            ends = [starts[0] + strides[0] * (ys[0] - 1) + 1, starts[1] + strides[1] * (ys[1] - 1) + 1]
+            seen = b.op("Slice", [xt, b.const(starts), b.const(ends), b.const([2, 3]), b.const(strides)])
+            rows = b.op("Reshape", [seen, b.op("Concat", [b.op("Shape", [seen], start=0, end=1), b.const([-1])], axis=0)])
+            parts.append(b.op("Unsqueeze", [b.op("MatMul", [rows, dy_rows]), b.const([0])]))  # (1, Cin, Cout)
+    grid = b.op("Reshape", [b.op("Concat", parts, axis=0),
+                            b.op("Concat", [b.const(k), b.op("Shape", [parts[0]], start=1, end=3)], axis=0)])
+    b.op("Transpose", [grid], out, perm=[3, 2, 0, 1])
+
+
+def conv_grad_standard_ops(node: onnx.NodeProto, spatial: dict[str, list[int]]
+                           ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """onnxruntime-training's ``ConvGrad`` node as the portable step writes it in standard ops:
+    the nodes and the constants they read (``spatial``: the forward input's spatial size by name)."""
+    graph = onnx.GraphProto()
+    b = _Builder(graph)
+    _conv_grad(b, node, spatial)
+    return b.nodes, list(graph.initializer)
 
 
 def _relu_grad(b: _Builder, node: onnx.NodeProto) -> None:

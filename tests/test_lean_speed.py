@@ -112,3 +112,37 @@ def test_flipped_kernels_give_torch_input_gradient(group, dilation, pad):
     got = sess.run(None, {"dy": dy})[0]
     assert got.shape == x_shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,pad,k,dilation", [(1, 1, 3, 1), (2, 1, 3, 1), (2, 0, 1, 1), (1, 2, 3, 2), (1, 0, 1, 1)])
+def test_portable_conv_gradient_equals_torch(stride, pad, k, dilation):
+    """The portable step's ConvGrad (dX by a Conv of flipped kernels at stride 1, else
+    ConvTranspose; dW by one MatMul per kernel offset) against torch, meta-network style
+    (the weights a graph input)."""
+    from edgetta.ort import onnxruntime
+    from edgetta_export.portable import conv_grad_standard_ops
+    rng = np.random.default_rng(stride * 10 + k)
+    x = rng.standard_normal((3, 4, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((6, 4, k, k)).astype(np.float32)
+    y = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=pad,
+                                   dilation=dilation)
+    dy = rng.standard_normal(tuple(y.shape)).astype(np.float32)
+    kw = dict(stride=stride, padding=pad, dilation=dilation)
+    want_dx = torch.nn.grad.conv2d_input(x.shape, torch.from_numpy(w), torch.from_numpy(dy), **kw).numpy()
+    want_dw = torch.nn.grad.conv2d_weight(torch.from_numpy(x), w.shape, torch.from_numpy(dy), **kw).numpy()
+    node = helper.make_node("ConvGrad", ["dy", "x", "w"], ["dx", "dw", ""], domain="com.microsoft",
+                            kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4, dilations=[dilation] * 2, group=1)
+    nodes, consts = conv_grad_standard_ops(node, {"x": [9, 9]})
+    assert {n.op_type for n in nodes}.isdisjoint({"ConvGrad"}) and all(n.domain == "" for n in nodes)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape))
+                                           for n, v in (("dy", dy), ("x", x), ("w", w))],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("dx", "dw")], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sess = onnxruntime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    dx, dw = sess.run(None, {"dy": dy, "x": x, "w": w})
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-4)
+    ops = [n.op_type for n in nodes]
+    assert ops.count("MatMul") == k * k
+    assert ("ConvTranspose" in ops) == (stride != 1)
