@@ -569,12 +569,27 @@ def run(models: Sequence[str], batch: int, warmup: int, steps: int, threads: int
     return [reports[m] for m in models]
 
 
+def _git_state() -> str:
+    """The commit measured, and whether the exporter's files differed from it (others' work in
+    progress in a shared checkout)."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "export", "edgetta"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.split()[1::2]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return head + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
 def to_json(reports: Sequence[ModelReport], command: str) -> dict[str, Any]:
     import onnxruntime
     versions = {"onnxruntime": onnxruntime.__version__}
     if "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__
     return {"command": command, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git": _git_state(),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpus": os.cpu_count(), "python": platform.python_version(),
                         "load_avg_at_end": [round(v, 2) for v in os.getloadavg()]},
@@ -695,7 +710,7 @@ def render(report: dict[str, Any]) -> str:
            "table), each model's bundle measured before (`LeanOptions(conv_input_gradients=False, "
            "gather_unpack=False)`) and after (the defaults) in one run.",
            "",
-           f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs shared with other jobs "
+           f"Code: {report.get('git', 'not recorded')}. Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs shared with other jobs "
            f"(load average per phase is listed under each model; timings are noisy, ratios within one run are "
            f"what to compare). Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
            "",
