@@ -351,7 +351,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
         if portable:
             if lean:  # for ARM, which has no NCHWc layout for NHWC masks to work around
                 make_lean(generated, train_proto, nhwc_masks=False, options=lean_options)
-            step = make_portable(generated, train_proto, meta_params)
+            step = make_portable(generated, train_proto, meta_params, options=lean_options)
             onnx.checker.check_model(step, full_check=True)
             onnx.save(step, tmp / "portable_step.onnx")
 

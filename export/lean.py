@@ -399,14 +399,18 @@ def clip_gradient_masks(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
 
 @dataclass(frozen=True)
 class LeanOptions:
-    """The lean graph's speed rewrites, on by default; off reproduces the graph before them (for
-    measuring against it: benchmarks/step_profile.py)."""
+    """The speed rewrites of the lean graph and the portable step, on by default; off reproduces
+    the graphs before them (for measuring against them: benchmarks/step_profile.py)."""
     # frozen convs' input gradients at stride 1 as a Conv of dY with flipped, channel-swapped
     # kernels (an export-time copy of the weights) instead of ConvTranspose; off, only
     # depthwise ones at stride 1 are (as before)
     conv_input_gradients: bool = True
     # bit-packed masks unpacked by one Gather from a 256 x 8 table instead of two BitShifts
     gather_unpack: bool = True
+    # the portable step (export/portable.py): meta conv weight gradients as one MatMul per kernel
+    # offset, stride-1 meta input gradients as a Conv of flipped kernels, BatchNorm gradients
+    # with one full-size pass fewer; off, as before (a Conv of transposed tensors, ConvTranspose)
+    portable_gradients: bool = True
 
 
 def flipped_weights(w: np.ndarray, group: int) -> np.ndarray:

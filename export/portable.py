@@ -20,13 +20,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ExportError
-from .lean import node_attrs, spatial_dims
+from .lean import LeanOptions, node_attrs, spatial_dims
 
 AXES_NCHW = [0, 2, 3]
 
 
 class _Builder:
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, fast: bool = True):
+        self.fast = fast  # LeanOptions.portable_gradients
         self.graph = graph
         self.nodes: list[onnx.NodeProto] = []
         self.count = 0
@@ -61,7 +62,8 @@ def _batchnorm(b: _Builder, node: onnx.NodeProto) -> None:
     d = b.op("Sub", [x, mean4])
     var4 = b.op("ReduceMean", [b.op("Mul", [d, d])], axes=AXES_NCHW, keepdims=1)
     inv4 = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var4, b.const(eps, np.float32)])])])
-    y = b.op("Mul", [d, b.op("Mul", [inv4, b.per_channel(scale)])])  # per-channel factors first: one pass over x
+    y = (b.op("Mul", [d, b.op("Mul", [inv4, b.per_channel(scale)])]) if b.fast else  # per-channel first: one pass
+         b.op("Mul", [b.op("Mul", [d, inv4]), b.per_channel(scale)]))
     b.op("Add", [y, b.per_channel(bias)], node.output[0])
     outs = list(node.output) + [""] * 5
     if outs[3]:
@@ -83,9 +85,13 @@ def _batchnorm_grad(b: _Builder, node: onnx.NodeProto) -> None:
         count = b.op("Div", [b.op("Cast", [b.op("Size", [x])], to=TensorProto.FLOAT),
                              b.op("Cast", [b.op("Gather", [shape, b.const(1)], axis=0)], to=TensorProto.FLOAT)])
         # the per-channel sums divided by the count before they meet x's size: one pass fewer
-        centred = b.op("Add", [b.op("Mul", [xhat, b.op("Div", [b.per_channel(dscale), count])]),
-                               b.op("Div", [b.per_channel(dbias), count])])
-        inner = b.op("Sub", [dy, centred])
+        if b.fast:
+            centred = b.op("Add", [b.op("Mul", [xhat, b.op("Div", [b.per_channel(dscale), count])]),
+                                   b.op("Div", [b.per_channel(dbias), count])])
+            inner = b.op("Sub", [dy, centred])
+        else:
+            centred = b.op("Add", [b.per_channel(dbias), b.op("Mul", [xhat, b.per_channel(dscale)])])
+            inner = b.op("Sub", [dy, b.op("Div", [centred, count])])
         b.op("Mul", [b.op("Mul", [b.per_channel(scale), inv4]), inner], dx_out)
 
 
@@ -119,7 +125,7 @@ def _input_gradient(b: _Builder, dy: str, w: str, out: str, k: list[int], stride
     run faster than ConvTranspose (as lean.py's frozen ones); otherwise ConvTranspose."""
     nd = len(k)
     conv_pads = [dil[d % nd] * (k[d % nd] - 1) - pads[d] for d in range(2 * nd)]
-    if group == 1 and set(strides) == {1} and min(conv_pads) >= 0:
+    if b.fast and group == 1 and set(strides) == {1} and min(conv_pads) >= 0:
         axes = list(range(2, 2 + nd))
         flipped = b.op("Slice", [w, b.const([-1] * nd), b.const([-(2 ** 63)] * nd), b.const(axes), b.const([-1] * nd)])
         swapped = b.op("Transpose", [flipped], perm=[1, 0, *axes])
@@ -136,11 +142,17 @@ def _input_gradient(b: _Builder, dy: str, w: str, out: str, k: list[int], stride
 def _weight_gradient(b: _Builder, dy: str, x: str, out: str, k: list[int], strides: list[int], pads: list[int],
                      dil: list[int], ys: list[int]) -> None:
     """dW of a plain 2-D convolution as one matrix product per kernel offset (a, b):
-    dW[:, :, a, b] = dY (Cout, N*Ho*Wo) @ X_ab (N*Ho*Wo, Cin), X_ab the padded input seen from
+    dW[:, :, a, b] = X_ab (Cin, N*Ho*Wo) @ dY (N*Ho*Wo, Cout), X_ab the padded input seen from
     that offset (a strided Slice). About 2x faster than a Conv of the transposed tensors
-    (docs/step_time.md); the offsets are emitted one after another, and onnxruntime runs the
-    lowest-numbered ready node first, so one slice exists at a time."""
+    (docs/step_time.md). The offsets are the iterations of a ``Loop``: independent nodes let
+    onnxruntime make every offset's slice (each the size of X) before the first product."""
     nd = len(k)
+    if not b.fast:  # as before issue 16: a Conv of the transposed tensors
+        r = b.op("Conv", [b.op("Transpose", [x], perm=[1, 0, 2, 3]), b.op("Transpose", [dy], perm=[1, 0, 2, 3])],
+                 pads=pads, strides=dil, dilations=strides)
+        r = b.op("Slice", [r, b.const([0, 0]), b.const(k), b.const([2, 3])])
+        b.op("Transpose", [r], out, perm=[1, 0, 2, 3])
+        return
     if nd != 2:
         raise ExportError(f"weight gradient of a {nd}-D convolution has no portable form here")
     xt = b.op("Transpose", [x], perm=[1, 0, 2, 3])  # (Cin, N, H, W)
@@ -148,16 +160,27 @@ def _weight_gradient(b: _Builder, dy: str, x: str, out: str, k: list[int], strid
         xt = b.op("Pad", [xt, b.const([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]])])
     dy_rows = b.op("Reshape", [b.op("Transpose", [dy], perm=[0, 2, 3, 1]),
                                b.op("Concat", [b.const([-1]), b.op("Shape", [dy], start=1, end=2)], axis=0)])
-    parts = []
-    for i in range(k[0]):
-        for j in range(k[1]):
-            starts = [i * dil[0], j * dil[1]]
-            ends = [starts[0] + strides[0] * (ys[0] - 1) + 1, starts[1] + strides[1] * (ys[1] - 1) + 1]
-            seen = b.op("Slice", [xt, b.const(starts), b.const(ends), b.const([2, 3]), b.const(strides)])
-            rows = b.op("Reshape", [seen, b.op("Concat", [b.op("Shape", [seen], start=0, end=1), b.const([-1])], axis=0)])
-            parts.append(b.op("Unsqueeze", [b.op("MatMul", [rows, dy_rows]), b.const([0])]))  # (1, Cin, Cout)
-    grid = b.op("Reshape", [b.op("Concat", parts, axis=0),
-                            b.op("Concat", [b.const(k), b.op("Shape", [parts[0]], start=1, end=3)], axis=0)])
+    starts = b.const([[i * dil[0], j * dil[1]] for i in range(k[0]) for j in range(k[1])])
+    span = b.const([strides[d] * (ys[d] - 1) + 1 for d in range(2)])
+    step, cond_in, cond_out, part = (b.name(h) for h in ("step", "cond", "cond_out", "part"))
+    n = lambda op, ins, o, **kw: helper.make_node(op, ins, [o], name=o + "_node", **kw)
+    first, last, seen, rows = (b.name(h) for h in ("start", "end", "slice", "rows"))
+    body = helper.make_graph(
+        [n("Identity", [cond_in], cond_out),
+         n("Gather", [starts, step], first, axis=0),
+         n("Add", [first, span], last),
+         n("Slice", [xt, first, last, b.const([2, 3]), b.const(strides)], seen),
+         n("Reshape", [seen, b.const([0, -1])], rows),  # (Cin, N*Ho*Wo)
+         n("MatMul", [rows, dy_rows], part)],
+        b.name("offset"),
+        [helper.make_tensor_value_info(step, TensorProto.INT64, []),
+         helper.make_tensor_value_info(cond_in, TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(part, TensorProto.FLOAT, None)])
+    parts = b.name("parts")  # (k0*k1, Cin, Cout)
+    b.nodes.append(helper.make_node("Loop", [b.const(k[0] * k[1]), b.const(True, np.bool_)], [parts],
+                                    name=b.name("Loop_node"), body=body))
+    grid = b.op("Reshape", [parts, b.op("Concat", [b.const(k), b.op("Shape", [parts], start=1, end=3)], axis=0)])
     b.op("Transpose", [grid], out, perm=[3, 2, 0, 1])
 
 
@@ -190,13 +213,15 @@ def _scale(b: _Builder, node: onnx.NodeProto) -> None:
     b.op(op, [node.input[0], factor], node.output[0])
 
 
-def make_portable(training: onnx.ModelProto, forward: onnx.ModelProto, trainable: list[str]) -> onnx.ModelProto:
-    """``portable_step.onnx`` from the bundle's training graph (see the module docstring)."""
+def make_portable(training: onnx.ModelProto, forward: onnx.ModelProto, trainable: list[str],
+                  options: LeanOptions = LeanOptions()) -> onnx.ModelProto:
+    """``portable_step.onnx`` from the bundle's training graph (see the module docstring);
+    ``options.portable_gradients`` off writes the gradients as before issue 16 (for measuring)."""
     model = onnx.ModelProto()
     model.CopyFrom(training)
     g = model.graph
     spatial = spatial_dims(forward)
-    b = _Builder(g)
+    b = _Builder(g, options.portable_gradients)
     grads: dict[str, str] = {}
     for node in list(g.node):
         if node.domain != "com.microsoft":
