@@ -46,6 +46,7 @@ OUT = RESULTS / "step_profile.json"
 MODELS = ("wrn16_2", "wrn40_2")
 ENGINES = ("ort-training", "onnx")
 TOP_NODES = 10
+SUBGRAPH_OPS = ("Loop", "If", "Scan")  # onnxruntime's kernel time of these includes their bodies' nodes
 UNPINNED = "ort-training, glibc's mmap threshold not pinned, stepped in turn with PyTorch"
 
 # groups of nodes, by the names the exporter gives them (export/lean.py, export/portable.py) and
@@ -272,6 +273,8 @@ def summarize(engine: str, events: list[dict[str, Any]], warmup: int, steps: int
     meta: dict[str, tuple[str, list[list[int]]]] = {}
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        if e["args"].get("op_name") in SUBGRAPH_OPS:  # its body's nodes are reported one by one
             continue
         if not any(lo <= e["ts"] <= hi for lo, hi in windows):
             continue

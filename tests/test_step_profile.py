@@ -29,6 +29,7 @@ def test_engine_profiles_account_for_the_step(report, variant):
         # node kernels of a step run inside that step's model_run
         assert p.kernel_ms_per_step <= p.run_ms * 1.05
         assert sum(s.share for s in p.ops) == pytest.approx(1.0, abs=0.01)
+        assert not {s.name for s in p.ops} & set(step_profile.SUBGRAPH_OPS)  # counted by their bodies' nodes
         assert sum(s.ms_per_step for s in p.groups) == pytest.approx(p.kernel_ms_per_step, rel=0.01)
         assert sum(s.nodes for s in p.ops) == sum(s.nodes for s in p.groups)
         assert [n.ms_per_step for n in p.top_nodes] == sorted((n.ms_per_step for n in p.top_nodes), reverse=True)
