@@ -229,14 +229,15 @@ class TorchRunner:
         return _distance([p.detach().numpy() for p in self.trained], self.start)
 
 
-def clean_subset(n: int, seed: int = 0) -> Path:
-    """``n`` clean Fashion-MNIST test images (32x32x3) in a cached .npz: the last ``n`` of the
-    seeded permutation whose first images ``continual_stream`` corrupts, so none of them is in
-    the stream. Written by the driver: the edgetta worker cannot import the host package."""
+def clean_subset(n: int, seed: int = 0, split: str = "test") -> Path:
+    """``n`` clean Fashion-MNIST ``split`` images (32x32x3) in a cached .npz: the last ``n`` of the
+    seeded permutation whose first images the streams of ``seed`` corrupt (``continual_stream``,
+    ``benchmarks.independent.build_stream``, ``demo_stream.build(split=...)``), so none of them is
+    in the stream. Written by the driver: the edgetta worker cannot import the host package."""
     from edgetta_export import datasets
-    path = CACHE / f"clean_fashion_mnist_test_{n}_seed{seed}.npz"
+    path = CACHE / f"clean_fashion_mnist_{split}_{n}_seed{seed}.npz"
     if not path.exists():
-        images, labels = datasets.fashion_mnist("test")
+        images, labels = datasets.fashion_mnist(split)
         idx = np.random.default_rng(seed).permutation(len(images))[-n:]
         with atomic_write(path) as f:
             np.savez(f, images=images[idx], labels=labels[idx].astype(np.int64), source_index=idx)
@@ -755,7 +756,7 @@ def markdown(data: dict[str, Any], fig_dir: str, generator: str = "project") -> 
     prefix = Path(json_name(generator)).stem
     stream = (f"the 15 corruptions in the standard order at severity {cfg['severity']}, {cfg['frames_per_type']} "
               "images per corruption" if generator == "project" else
-              f"the independent generator (imagecorruptions, {cfg.get('stream', '')}), {cfg['frames_per_type']} "
+              f"the independent generator ({cfg.get('stream', '')}; docs/validation.md), {cfg['frames_per_type']} "
               "images per kind")
     lines = [
         f"{top} Long-term adaptation: ten rounds of the continual stream"
@@ -800,8 +801,10 @@ def markdown(data: dict[str, Any], fig_dir: str, generator: str = "project") -> 
               "corruption), and with every BatchNorm on the clean batch's statistics (what BN adapt, "
               "TENT and CoTTA always do), which leaves only what the trained parameters forgot. On batch "
               "statistics edgetta takes an adaptation step per clean batch and undoes it (state saved "
-              "and resumed), so it is measured before round 1 and after the last round only; the "
-              "EcoTTA-torch runs predate that column.", "",
+              "and resumed), so it is measured before round 1 and after the last round only."
+              + (" The EcoTTA-torch runs without it predate that column." if any(
+                  m.startswith("ecotta") and methods[m].get("clean_error_start_batch_stats") is None for m in order)
+                 else ""), "",
               "| method | start | " + " | ".join(f"after r{r}" for r in after) + " | change | "
               "batch stats: start | " + " | ".join(f"after r{r}" for r in after) + " | change |",
               "|---|" + "---:|" * (2 * len(after) + 4)]

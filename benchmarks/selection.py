@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, load_json, merge_json, run_cli
-from benchmarks.longterm import (Job, bundles, checkpoint_label, default_checkpoint, run_jobs, summary)
+from benchmarks.longterm import Job, bundles, checkpoint_label, clean_subset, default_checkpoint, run_jobs, summary
 from edgetta.system import atomic_write, write_text_atomic
 
 log = logging.getLogger("benchmarks.selection")
@@ -109,19 +109,6 @@ def selection_stream(per_type: int, seed: int, severity: int = 5) -> Path:
     return path
 
 
-def clean_train_subset(n: int, seed: int) -> Path:
-    """``n`` clean TRAIN images: the tail of the permutation whose head the stream of ``seed``
-    corrupts (``demo_stream.build`` orders the split with ``default_rng(seed).permutation``)."""
-    path = CACHE / "selection" / f"clean_train_{n}_seed{seed}.npz"
-    if not path.exists():
-        from edgetta_export import datasets
-        images, labels = datasets.fashion_mnist("train")
-        idx = np.random.default_rng(seed).permutation(len(images))[-n:]
-        with atomic_write(path) as f:
-            np.savez(f, images=images[idx], labels=labels[idx].astype(np.int64), source_index=idx)
-    return path
-
-
 def verdict(name: str, rec: dict[str, Any], seed: int, bundle_lr: float) -> Verdict | None:
     """The criterion's figures of one finished (or stopped) run; None before its first round."""
     s = summary(rec)
@@ -165,7 +152,7 @@ def run(a: argparse.Namespace) -> int:
     partial_dir = CACHE / "selection" / ("smoke" if a.smoke else "full")
     jobs, names = [], {}
     for seed in a.seeds:
-        stream, clean = selection_stream(a.frames_per_type, seed), clean_train_subset(a.clean_frames, seed)
+        stream, clean = selection_stream(a.frames_per_type, seed), clean_subset(a.clean_frames, seed, "train")
         for g in grid:
             job = Job(a.method, stream, clean, bundle, checkpoint_path, partial_dir / f"{a.method}{g.tag}_seed{seed}.json",
                       g.tag, a.rounds, a.batch, 1, seed, tuple(a.clean_after), g.lr, g.anchor or None)
