@@ -59,17 +59,19 @@ def _save_stream(path: Path, per_type: int, severity: int | tuple[int, ...], see
 
 
 def untrained_checkpoint(model_name: str, sparsity: float = 0.8, seed: int = 0, *, cold: bool = False,
-                         normalization: tuple[float, float] = (0.5, 0.25)) -> dict[str, Any]:
+                         normalization: tuple[float, float] = (0.5, 0.25),
+                         backbone_norm: str | None = None) -> dict[str, Any]:
     """An untrained checkpoint of any zoo model, ERK-pruned like the default model, with meta
     networks attached: the project's one recipe for runs where the weights' values do not matter
     (memory measurements here, the test suite's small models in tests/conftest.py).
 
     BatchNorms get non-trivial statistics and affines, as a trained net has; so do the meta
     networks' BatchNorms unless ``cold`` (freshly initialised). ``normalization``: the input's
-    (mean, std), the same for every channel."""
+    (mean, std), the same for every channel. ``backbone_norm``: the EcoTTA variant (None: edgetta's
+    default)."""
     import torch
     from edgetta_export import checkpoint
-    from edgetta_export.ecotta import EcoTTAModel, default_split
+    from edgetta_export.ecotta import DEFAULT_BACKBONE_NORM, EcoTTAModel, default_split
     from edgetta_export.models import CONFIGS, create_model
     from edgetta_export.pruning import apply_masks, layer_densities, random_masks
 
@@ -85,7 +87,7 @@ def untrained_checkpoint(model_name: str, sparsity: float = 0.8, seed: int = 0, 
             m.running_var.uniform_(0.5, 1.5)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.1, 0.1)
-    model = EcoTTAModel(backbone, default_split(len(backbone.blocks)))
+    model = EcoTTAModel(backbone, default_split(len(backbone.blocks)), backbone_norm or DEFAULT_BACKBONE_NORM)
     if not cold:
         for meta in model.metas:
             for bn in meta.batchnorms().values():
@@ -97,7 +99,7 @@ def untrained_checkpoint(model_name: str, sparsity: float = 0.8, seed: int = 0, 
     return {"model": model_name, "class_names": [f"c{i}" for i in range(CONFIGS[model_name].num_classes)],
             "state_dict": backbone.state_dict(), "masks": checkpoint.pack_masks(masks),
             "meta_state_dict": model.metas.state_dict(), "split": model.split,
-            "input_size": CONFIGS[model_name].input_size,
+            "backbone_norm": model.backbone_norm, "input_size": CONFIGS[model_name].input_size,
             "normalization": {"mean": [mean] * 3, "std": [std] * 3},
             "pruning": {"scheme": "erk" if sparsity else "dense", "sparsity": sparsity, "seed": seed}}
 

@@ -121,6 +121,17 @@ def memory_config(a: argparse.Namespace, model: str) -> dict[str, Any]:
             "cotta_augmentations": (a.memory_cotta_augmentations or 32) if zoo else 32}
 
 
+def _without_methods(results: dict, methods: set[str]) -> dict:
+    """``results`` (method -> result, perhaps below batch keys) less ``methods`` and less every
+    method that uses the warmed-up meta networks (they may come from another warm-up)."""
+    out = {}
+    for k, v in results.items():
+        if k in methods or (k in METHODS and METHODS[k].meta):
+            continue
+        out[k] = _without_methods(v, methods) if isinstance(v, dict) and k.isdigit() else v
+    return out
+
+
 def _store(section: dict, key: tuple, value: dict) -> None:
     node = section.setdefault("results", {})
     for k in key[1:-1]:
@@ -218,6 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         }
         for s in jobs_suites:
             data[s] = {"config": {**config, **suite_cfg[s]}, "results": {}}
+        full_run = set(a.methods) >= set(RUNNABLE)
+        old_all = load_json(json_path)
+        for s in (x for x in jobs_suites if x != "memory" and not full_run):
+            # a run of some methods replaces only those methods, when the stream and the checkpoint
+            # are the same; the report lists every command that contributed
+            prev = old_all.get(s, {})
+            pc = prev.get("config", {})
+            same = all(pc.get(k) == data[s]["config"].get(k) for k in (*suite_cfg[s], "checkpoint", "threads", "seed", "smoke"))
+            if same:
+                kept = _without_methods(prev.get("results", {}), set(a.methods))
+                data[s]["results"] = kept
+                data[s]["config"]["partial_commands"] = list(dict.fromkeys(
+                    pc.get("partial_commands", [pc.get("command")]) + [command]))
         if "memory" in jobs_suites:  # a memory run replaces only the (model, method) pairs it measures
             old = load_json(json_path).get("memory", {})
             results = old.get("results", {})

@@ -50,6 +50,7 @@ class MethodSpec:
     factory: Callable[[Checkpoint, BuildOptions], Any] | None  # None: not a PyTorch method
     device: bool = False     # runs in a torch-free process on the exported bundle
     runnable: bool = True    # False: a variant the memory suite runs under another name's runner
+    meta: bool = False       # uses the checkpoint's warmed-up meta networks (a new warm-up changes it)
 
 
 def _source(ckpt: Checkpoint, o: BuildOptions) -> Any:
@@ -89,19 +90,29 @@ def _ecotta_torch(ckpt: Checkpoint, o: BuildOptions) -> Any:
     return tta.EcoTTATorch(dict(ckpt), lr=o.lr or e.lr, momentum=e.momentum, lam=e.lam, e0=e.e0)
 
 
+def _ecotta_paper(ckpt: Checkpoint, o: BuildOptions) -> Any:
+    from benchmarks import tta
+    from edgetta_export.bundle import build_model
+    e = o.ecotta
+    return tta.EcoTTATorch(dict(ckpt), lr=o.lr or e.lr, momentum=e.momentum, lam=e.lam, e0=e.e0,
+                           model=build_model(dict(ckpt), variant="paper"))
+
+
 _SPECS = (
     MethodSpec("source", "source (no adaptation)", "source", "#7f7f7f", "nothing", _source),
-    MethodSpec("source_meta", "source + warmed-up meta nets", "source+meta", "#bcbd22", "nothing", _source_meta),
+    MethodSpec("source_meta", "source + warmed-up meta nets", "source+meta", "#bcbd22", "nothing", _source_meta, meta=True),
     MethodSpec("bn_adapt", "BN-adapt", "BN-adapt", "#17becf", "nothing (batch statistics)", _bn_adapt),
     MethodSpec("tent", "TENT", "TENT", "#1f77b4", "BN affine (Adam 1e-3)", _tent),
     MethodSpec("cotta", "CoTTA", "CoTTA", "#d62728", "all weights (Adam 1e-3) + EMA teacher", _cotta),
-    MethodSpec("ecotta_torch", "EcoTTA (PyTorch)", "EcoTTA-torch", "#9467bd", "meta networks (SGD 0.9)",
-               _ecotta_torch),
-    MethodSpec("edgetta", "edgetta (EcoTTA, onnxruntime-training)", "edgetta", "#2ca02c",
-               "meta networks (SGD 0.9)", None, device=True),
+    MethodSpec("ecotta_paper", "EcoTTA as in the paper (PyTorch; backbone on source statistics)", "EcoTTA-paper",
+               "#8c564b", "meta networks (SGD 0.9)", _ecotta_paper, meta=True),
+    MethodSpec("ecotta_torch", "EcoTTA, edgetta's variant, in PyTorch (backbone on batch statistics)",
+               "EcoTTA-torch", "#9467bd", "meta networks (SGD 0.9)", _ecotta_torch, meta=True),
+    MethodSpec("edgetta", "edgetta (EcoTTA on batch statistics, onnxruntime)", "edgetta", "#2ca02c",
+               "meta networks (SGD 0.9)", None, device=True, meta=True),
     MethodSpec("edgetta_generated", "edgetta, onnxruntime-training's graph as generated (no lean rewrite)",
                "edgetta (generated graph)", "#98df8a", "meta networks (SGD 0.9)", None, device=True,
-               runnable=False),
+               runnable=False, meta=True),
 )
 METHODS: dict[str, MethodSpec] = {s.name: s for s in _SPECS}
 RUNNABLE = tuple(s.name for s in _SPECS if s.runnable)

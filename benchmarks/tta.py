@@ -239,8 +239,11 @@ class EcoTTATorch(GradientMethod):
     name = "ecotta_torch"
 
     def __init__(self, ckpt: dict[str, Any], lr: float = 0.005, momentum: float = 0.9,
-                 lam: float = 0.5, e0: float | None = None, anchor: float = 0.0):
-        self.model = build_model(ckpt).train()
+                 lam: float = 0.5, e0: float | None = None, anchor: float = 0.0,
+                 model: nn.Module | None = None, bn_momentum: float = 0.1):
+        self.model = (model if model is not None else build_model(ckpt)).train()
+        for norm in self.model.batch_stat_norms().values():  # the device keeps these running statistics too
+            norm.momentum = bn_momentum
         self.lam, self.e0, self.anchor = lam, e0, float(anchor)
         self.optimizer = torch.optim.SGD(self.model.meta_parameters(), lr=lr, momentum=momentum)
         self.start = [p.detach().clone() for p in self.model.meta_parameters()]

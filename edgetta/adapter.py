@@ -63,7 +63,7 @@ class Adapter:
         self._session = inference_session(bundle, opts, self.provider)
         self._stat_of: dict[str, str] = dict(m.running_stats)
         init = bundle.initial_meta_state()
-        self._stats = {n: init[n] for n in m.meta_running_stats}
+        self._stats = {n: init[n] for n in m.kept_running_stats}
         self._initial = (self.runner.params(), dict(self._stats))
         self.steps = 0
         self.last_loss: float | None = None

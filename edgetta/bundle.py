@@ -112,7 +112,7 @@ class Bundle:
     def initial_meta_state(self) -> dict[str, np.ndarray]:
         """The warmed-up meta parameters and running statistics the bundle ships."""
         m = self.manifest
-        wanted = list(m.trainable) + list(m.meta_running_stats)
+        wanted = list(m.trainable) + list(m.kept_running_stats)
         try:
             with np.load(self.file(m.meta_init), allow_pickle=False) as init:
                 state = {n: np.asarray(init[n], np.float32) for n in wanted}

@@ -244,13 +244,21 @@ class Manifest:
     adaptation: Adaptation
     graphs: Graphs
     trainable: tuple[str, ...]
-    meta_running_stats: tuple[str, ...]
+    meta_running_stats: tuple[str, ...]  # the meta BatchNorms' (frozen entries of the checkpoint)
     running_stats: dict[str, str]        # batch-statistic output -> running-statistic tensor
     files: dict[str, FileEntry]
     meta_init: str = "meta_init.npz"
     architecture: str = ""
     profile: ExportProfile | None = None
+    # a batch-statistics backbone's BatchNorms (ecotta.backbone_norm "batch"): inputs of the
+    # inference graph only, since the training graph normalizes with the batch's statistics
+    backbone_running_stats: tuple[str, ...] = ()
     info: dict[str, Any] = field(default_factory=dict, repr=False)  # for people, not read
+
+    @property
+    def kept_running_stats(self) -> tuple[str, ...]:
+        """Every running statistic the device keeps from the adaptation batches."""
+        return self.meta_running_stats + self.backbone_running_stats
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Manifest":
@@ -282,16 +290,20 @@ class Manifest:
         graphs = _graphs(top.obj("graphs"))
         trainable = top.names("trainable", min_len=1)
         frozen = top.obj("frozen")
-        stats = frozen.names("meta_running_stats")
+        meta_stats = frozen.names("meta_running_stats")
+        backbone_stats = frozen.names("backbone_running_stats", default=[])
+        stats = meta_stats + backbone_stats
         rs = top.obj("running_stats")
         running = {}
         for out, stat in rs.data.items():
             if not isinstance(out, str) or not out.startswith(STAT_PREFIX) or stat not in stats:
-                raise rs.fail(str(out), "a meta running statistic listed in frozen.meta_running_stats", stat)
+                raise rs.fail(str(out), "a running statistic listed in frozen.meta_running_stats or "
+                              "frozen.backbone_running_stats", stat)
             running[out] = stat
-        if len(set(running.values())) != len(running) or set(running.values()) != set(stats):
+        if len(set(running.values())) != len(running) or set(running.values()) != set(stats) \
+                or len(set(stats)) != len(stats):
             raise BundleError("manifest: running_stats must map one batch statistic to each of "
-                              "frozen.meta_running_stats")
+                              "frozen.meta_running_stats and frozen.backbone_running_stats")
         meta_init = check_relative_path(top.get("meta_init", "meta_init.npz"), "meta_init")
         named = graphs.files() + [("meta_init", meta_init)]
         for where, name in named:
@@ -309,7 +321,8 @@ class Manifest:
             engine=prof.text("engine", default=""))
         info = {k: v for k, v in data.items() if k not in _TYPED}
         return cls(schema_version=schema, input=inp, class_names=classes, adaptation=adaptation,
-                   graphs=graphs, trainable=trainable, meta_running_stats=stats,
+                   graphs=graphs, trainable=trainable, meta_running_stats=meta_stats,
+                   backbone_running_stats=backbone_stats,
                    running_stats=running, files=files, meta_init=meta_init, architecture=arch,
                    profile=profile, info=info)
 

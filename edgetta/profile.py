@@ -369,7 +369,7 @@ def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None =
     momentum = m.adaptation.momentum if momentum is None else momentum
     fb = target.float_bytes
     trainable = set(m.trainable)
-    stats = set(m.meta_running_stats)
+    stats = set(m.kept_running_stats)
 
     def pbytes(tensor_names) -> int:
         return int(sum(train.tensors[n].nbytes(1, target) if n in train.tensors else 0 for n in tensor_names))

@@ -120,7 +120,8 @@ def meta_batchnorms(model: EcoTTAModel) -> dict[str, nn.BatchNorm2d]:
 
 
 class TrainingGraph(nn.Module):
-    """loss, logits and each meta BatchNorm's batch mean and (unbiased) variance."""
+    """loss, logits, each meta BatchNorm's batch mean and (unbiased) variance, then those of
+    each batch-statistics backbone BatchNorm (``backbone_norm="batch"``)."""
 
     def __init__(self, model: EcoTTAModel, lam: float, e0: float):
         super().__init__()
@@ -133,6 +134,8 @@ class TrainingGraph(nn.Module):
         for meta, (x_prev, h, _) in zip(self.model.metas, trace):
             for t in (h, meta.conv(x_prev)):
                 stats += [t.mean(dim=(0, 2, 3)), t.var(dim=(0, 2, 3), unbiased=True)]
+        for norm in self.model.batch_stat_norms().values():
+            stats += list(norm.batch_stats)
         return (loss, logits, *stats)
 
 
@@ -145,8 +148,14 @@ class InferenceGraph(nn.Module):
         return self.model(x)
 
 
+def running_stat_layers(model: EcoTTAModel) -> list[str]:
+    """Every BatchNorm whose running statistics the device keeps, in the training graph's
+    output order: the meta networks', then the batch-statistics backbone's."""
+    return [*meta_batchnorms(model), *(f"backbone.{n}" for n in model.batch_stat_norms())]
+
+
 def stat_output_names(model: EcoTTAModel) -> list[str]:
-    return [contract.stat_output(name, s) for name in meta_batchnorms(model) for s in ("mean", "var")]
+    return [contract.stat_output(name, s) for name in running_stat_layers(model) for s in ("mean", "var")]
 
 
 def _export(module: nn.Module, x: torch.Tensor, output_names: list[str]) -> onnx.ModelProto:
@@ -273,12 +282,19 @@ def _add_graph_facts(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     contract.write_manifest(bundle_dir, manifest)
 
 
-def build_model(ckpt: dict[str, Any]) -> EcoTTAModel:
-    """The warmed-up EcoTTA model held by a host checkpoint."""
+def build_model(ckpt: dict[str, Any], variant: str | None = None) -> EcoTTAModel:
+    """The warmed-up EcoTTA model held by a host checkpoint; ``variant`` (e.g. "paper"): the
+    meta networks of another variant the checkpoint carries (``warmup --paper-variant``)."""
+    if variant is not None:
+        variants = ckpt.get("variants") or {}
+        if variant not in variants:
+            raise ValueError(f"checkpoint has no variant {variant!r} (it has: {sorted(variants) or 'none'})")
+        ckpt = {**ckpt, **variants[variant]}
     backbone: Backbone = ckpt_io.build_backbone(ckpt)
     if "meta_state_dict" not in ckpt:
         raise ValueError("checkpoint has no meta networks: run 'python -m edgetta_export.warmup' on it first")
-    model = EcoTTAModel(backbone, ckpt["split"])
+    # checkpoints from before the "batch" variant carry no backbone_norm: the paper's
+    model = EcoTTAModel(backbone, ckpt["split"], backbone_norm=ckpt.get("backbone_norm", "source"))
     model.metas.load_state_dict(ckpt["meta_state_dict"])
     return model
 
@@ -301,7 +317,8 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
     num_classes = len(ckpt["class_names"])
     e0 = 0.4 * math.log(num_classes) if e0 is None else e0
     sparsity = sparsity_report(model.backbone)
-    folded = fold_batchnorms_into_convs(model) if fold_batchnorms else []
+    # batch-statistics BatchNorms normalize a conv's output as it is: nothing to fold
+    folded = fold_batchnorms_into_convs(model) if fold_batchnorms and model.backbone_norm == "source" else []
     freeze_batchnorms(model.backbone)
     model.train()
     size = ckpt.get("input_size", 32)
@@ -309,8 +326,12 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
 
     meta_params = [f"model.metas.{n}" for n, _ in model.metas.named_parameters()]
     meta_stats = [f"model.{n}.running_{s}" for n in meta_batchnorms(model) for s in ("mean", "var")]
+    # inputs of the inference graph only: the training graph normalizes with the batch's
+    backbone_stats = [f"model.backbone.{n}.running_{s}" for n in model.batch_stat_norms() for s in ("mean", "var")]
+    running = meta_stats + backbone_stats
     backbone_names = {f"model.backbone.{n}" for n, _ in model.backbone.named_parameters()}
     backbone_names |= {f"model.backbone.{n}" for n, _ in model.backbone.named_buffers()}
+    backbone_names -= set(backbone_stats)
     stat_outputs = stat_output_names(model)
 
     out = Path(out_dir)
@@ -360,7 +381,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
         infer_model = InferenceGraph(model)
         infer_model.training = True  # no value-based initializer merging; BNs stay eval-mode
         infer_proto = _export(infer_model, x, ["logits"])
-        _keep_inputs(infer_proto, set(meta_params + meta_stats))
+        _keep_inputs(infer_proto, set(meta_params + running))
         _fix_ir(infer_proto)
         sparse_count = 0
         if sparse_storage:
@@ -373,7 +394,9 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
         onnx.save(infer_proto, tmp / "inference.onnx")
 
         initial = {i.name: numpy_helper.to_array(i) for i in infer_proto.graph.initializer
-                   if i.name in set(meta_params + meta_stats)}
+                   if i.name in set(meta_params + running)}
+        if set(initial) != set(meta_params + running):
+            raise RuntimeError(f"inference graph lacks meta tensors {sorted(set(meta_params + running) - set(initial))}")
         np.savez(tmp / "meta_init.npz", **initial)  # warmed-up meta state, readable without onnx
         mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
         files = {}
@@ -390,6 +413,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                       "resize": [size, size], "scale": 1.0 / 255.0, "mean": mean, "std": std},
             "class_names": list(ckpt["class_names"]),
             "ecotta": {"k": model.k, "split": model.split, "lambda": lam, "e0": e0,
+                       "backbone_norm": model.backbone_norm,
                        "entropy_average": "batch",
                        "part_ends": ckpt.get("part_ends") or part_ends(model.backbone, model.split)},
             "adaptation": {"optimizer": "sgd", "lr": lr, "momentum": momentum,
@@ -398,7 +422,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                                             "device applies SGD with momentum itself from the "
                                             "gradients the training graph computes"},
             "graphs": {
-                "inference": {"file": "inference.onnx", "inputs": ["input", *meta_params, *meta_stats],
+                "inference": {"file": "inference.onnx", "inputs": ["input", *meta_params, *running],
                               "outputs": ["logits"]},
                 "portable_step": ({"file": "portable_step.onnx",
                                    "inputs": ["input", *meta_params,
@@ -419,11 +443,12 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                                        "for onnxruntime's x86 NCHWc layout; the portable step keeps NCHW)" if lean else
                                        "as generated by onnxruntime-training"},
             "trainable": meta_params,
-            "frozen": {"meta_running_stats": meta_stats, "backbone_tensors": len(backbone_names),
+            "frozen": {"meta_running_stats": meta_stats, "backbone_running_stats": backbone_stats,
+                       "backbone_tensors": len(backbone_names),
                        "backbone_storage": "graph constants",
                        "batchnorms_folded_into_convs": len(folded)},
             "running_stats": {contract.stat_output(n, s): f"model.{n}.running_{s}"
-                              for n in meta_batchnorms(model) for s in ("mean", "var")},
+                              for n in running_stat_layers(model) for s in ("mean", "var")},
             "backbone": {"density": total_density(sparsity), "sparsity_report": sparsity,
                          "pruning": ckpt.get("pruning", {}),
                          "sparse_initializers": sparse_count},

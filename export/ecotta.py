@@ -7,9 +7,18 @@ each part, and the test-time loss (confidence-masked entropy + self-distilled re
 
 Each regularizer term updates only its own meta network: its inputs x_{k-1} and h_k are
 stop-gradient copies, so no gradient of term k reaches an earlier meta network.
+
+Two variants (``backbone_norm``), chosen at warm-up and recorded in the checkpoint:
+
+- ``"batch"`` (edgetta's default): the frozen backbone's BatchNorms normalize with the test
+  batch's statistics, which the backward pass treats as constants (a per-channel affine, so
+  nothing more is kept than with source statistics). Selected on corrupted training images and
+  validated on an independent generator (docs/validation.md).
+- ``"source"``: the backbone keeps its source statistics, as in the paper.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -32,15 +41,75 @@ def stop_gradient(t: torch.Tensor) -> torch.Tensor:
     return t.detach()
 
 
+BACKBONE_NORMS = ("batch", "source")
+DEFAULT_BACKBONE_NORM = "batch"
+# The conv branch's BN weight at initialisation. At 0 with a zero bias the branch is dead for
+# good: ReLU'(0) = 0 stops every gradient to the conv and to the BN itself.
+DEFAULT_BRANCH_INIT = 0.1
+
+
+class BatchStatNorm(nn.Module):
+    """A frozen backbone BatchNorm that normalizes with the batch's statistics in train mode
+    and with running statistics in eval mode (single frames). The batch statistics pass through
+    ``stop_gradient``: the backward pass sees a per-channel affine and keeps only its factors.
+    ``batch_stats`` holds the last train-mode batch's (mean, variance) for the device's running
+    statistics. The variance is the biased one: an unbiased one needs the count of values per
+    channel, which a traced graph would freeze at the export batch; the two differ by a factor
+    n / (n - 1), n = batch x height x width (at least 196 here, so under 0.6%)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        c = bn.num_features
+        w = bn.weight.detach().clone() if bn.affine else torch.ones(c)
+        b = bn.bias.detach().clone() if bn.affine else torch.zeros(c)
+        self.register_buffer("weight", w)
+        self.register_buffer("bias", b)
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+        # kept so that a converted backbone's state_dict still loads into its BatchNorm2d model
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().clone())
+        self.eps = bn.eps
+        # None: train mode leaves the running statistics alone (warm-up, export); a float moves
+        # them as the device does (the PyTorch reference of benchmarks.tta)
+        self.momentum: float | None = None
+        self.batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean = x.mean(dim=(0, 2, 3))
+            var = (x - mean.view(1, -1, 1, 1)).pow(2).mean(dim=(0, 2, 3))
+            self.batch_stats = (mean, var)
+            if self.momentum and not torch.onnx.is_in_onnx_export():
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean.detach(), self.momentum)
+                    self.running_var.lerp_(var.detach(), self.momentum)
+            scale = stop_gradient(self.weight * torch.rsqrt(var + self.eps))
+            shift = stop_gradient(self.bias - mean * scale)
+        else:
+            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+            shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def use_test_batch_statistics(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d below ``module`` by its BatchStatNorm, in place."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, BatchStatNorm(child))
+        else:
+            use_test_batch_statistics(child)
+    return module
+
+
 class MetaNet(nn.Module):
     """``BN_meta(h) + ReLU(BN(Conv(x_prev)))``; the conv's stride matches its part's."""
 
-    def __init__(self, cin: int, cout: int, stride: int, kernel: int):
+    def __init__(self, cin: int, cout: int, stride: int, kernel: int, branch_init: float = DEFAULT_BRANCH_INIT):
         super().__init__()
         self.bn_meta = nn.BatchNorm2d(cout)
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
         self.bn = nn.BatchNorm2d(cout)
-        nn.init.zeros_(self.bn.weight)  # the conv branch starts silent: x_k = BN_meta(h_k)
+        nn.init.constant_(self.bn.weight, branch_init)  # the conv branch starts quiet, not silent
 
     def forward(self, x_prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.bn_meta(h) + F.relu(self.bn(self.conv(x_prev)))
@@ -67,10 +136,16 @@ def default_split(num_blocks: int, k: int = 4) -> list[int]:
 class EcoTTAModel(nn.Module):
     """A backbone with K meta networks. ``backbone`` stays frozen; ``metas`` are trainable."""
 
-    def __init__(self, backbone: Backbone, split: list[int]):
+    def __init__(self, backbone: Backbone, split: list[int], backbone_norm: str = DEFAULT_BACKBONE_NORM,
+                 branch_init: float = DEFAULT_BRANCH_INIT):
         super().__init__()
         if sum(split) != len(backbone.blocks):
             raise ValueError(f"split {split} does not cover {len(backbone.blocks)} blocks")
+        if backbone_norm not in BACKBONE_NORMS:
+            raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {backbone_norm!r}")
+        self.backbone_norm = backbone_norm
+        if backbone_norm == "batch":  # on a copy: the caller's module (perhaps a user's) stays as it is
+            backbone = use_test_batch_statistics(copy.deepcopy(backbone))
         self.backbone = backbone
         self.split = list(split)
         shapes = block_channels(backbone)
@@ -79,7 +154,7 @@ class EcoTTAModel(nn.Module):
             part = shapes[start:start + n]
             cin = 3 if i == 0 else part[0][0]
             stride = math.prod(s for _, _, s in part) * (backbone.stem_stride if i == 0 else 1)
-            metas.append(MetaNet(cin, part[-1][1], stride, backbone.meta_kernel))
+            metas.append(MetaNet(cin, part[-1][1], stride, backbone.meta_kernel, branch_init))
             start += n
         self.metas = nn.ModuleList(metas)
         for p in backbone.parameters():
@@ -97,11 +172,18 @@ class EcoTTAModel(nn.Module):
         return out
 
     def train(self, mode: bool = True) -> "EcoTTAModel":
-        """Meta networks follow ``mode``; the frozen backbone always normalizes with its
-        source statistics."""
+        """Meta networks follow ``mode``. The frozen backbone's BatchNorms stay on their source
+        statistics, or, with ``backbone_norm="batch"``, follow ``mode`` too (batch statistics
+        in train mode, the running ones in eval mode)."""
         super().train(mode)
         self.backbone.eval()
+        for m in self.batch_stat_norms().values():
+            m.train(mode)
         return self
+
+    def batch_stat_norms(self) -> dict[str, BatchStatNorm]:
+        """The backbone's batch-statistics BatchNorms by module name (empty for "source")."""
+        return {n: m for n, m in self.backbone.named_modules() if isinstance(m, BatchStatNorm)}
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
         """Last meta output and, per part, (part input x_{k-1}, frozen output h_k, meta output x_k)."""

@@ -146,7 +146,7 @@ def from_image_folder(arch: str, data: str | os.PathLike, weights: str | os.Path
         "normalization": {"mean": list(mean), "std": list(std)}, "input_size": size,
         "state_dict": backbone.state_dict(), "backbone_module": None if zoo else backbone,
         "split": split, "part_ends": ends, "meta_state_dict": model.metas.state_dict(),
-        "pruning": {"scheme": "dense", "sparsity": 0.0},
+        "backbone_norm": model.backbone_norm, "pruning": {"scheme": "dense", "sparsity": 0.0},
         "test_accuracy": before,
         "warmup": {"epochs": options.epochs, "batch": options.batch, "lr": options.lr,
                    "seed": options.seed, "steps": steps, "k": len(split), "split": split,
@@ -175,4 +175,5 @@ def module_checkpoint(module: nn.Module, class_names: list[str], input_size: int
             "normalization": {"mean": mean, "std": std}, "state_dict": backbone.state_dict(),
             "backbone_module": None if isinstance(module, Backbone) and not boundaries else backbone,
             "split": split, "part_ends": part_ends(backbone, split),
-            "meta_state_dict": model.metas.state_dict(), "pruning": {"scheme": "dense", "sparsity": 0.0}}
+            "meta_state_dict": model.metas.state_dict(), "backbone_norm": model.backbone_norm,
+            "pruning": {"scheme": "dense", "sparsity": 0.0}}

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint, datasets
-from .ecotta import EcoTTAModel, default_split
+from .ecotta import (BACKBONE_NORMS, DEFAULT_BACKBONE_NORM, DEFAULT_BRANCH_INIT, EcoTTAModel,
+                     default_split)
 from .train import augment, evaluate, to_tensor
 
 
@@ -81,10 +82,12 @@ def warm_up_meta(model: EcoTTAModel, x_train: np.ndarray, y_train: np.ndarray, m
 
 
 def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
-           data_root: str | None, limit: int | None = None) -> dict:
+           data_root: str | None, limit: int | None = None, backbone_norm: str = DEFAULT_BACKBONE_NORM,
+           branch_init: float = DEFAULT_BRANCH_INIT) -> dict:
     torch.manual_seed(seed)
     backbone = checkpoint.build_backbone(ckpt)
-    model = EcoTTAModel(backbone, default_split(len(backbone.blocks), k))
+    source_backbone = checkpoint.build_backbone(ckpt)
+    model = EcoTTAModel(backbone, default_split(len(backbone.blocks), k), backbone_norm, branch_init)
     x_train, y_train, _ = datasets.load(ckpt.get("dataset", "fashion-mnist"), "train", data_root)
     x_test, y_test, _ = datasets.load(ckpt.get("dataset", "fashion-mnist"), "test", data_root)
     if limit:
@@ -92,12 +95,13 @@ def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
     mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
     start = time.time()
     steps = warm_up_meta(model, x_train, y_train, mean, std, epochs=epochs, batch=batch, lr=lr, seed=seed)
-    source_acc = evaluate(backbone, x_test, y_test, mean, std)
+    source_acc = evaluate(source_backbone, x_test, y_test, mean, std)
     meta_acc = evaluate(model, x_test, y_test, mean, std)
     out = dict(ckpt)
     out.update({
-        "split": model.split, "meta_state_dict": model.metas.state_dict(),
+        "split": model.split, "meta_state_dict": model.metas.state_dict(), "backbone_norm": backbone_norm,
         "warmup": {"epochs": epochs, "batch": batch, "lr": lr, "seed": seed, "steps": steps,
+                   "backbone_norm": backbone_norm, "branch_init": branch_init,
                    "time_s": round(time.time() - start, 1), "k": k, "split": model.split,
                    "test_accuracy_backbone": source_acc, "test_accuracy_with_meta": meta_acc},
     })
@@ -113,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, cosine schedule (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--backbone-norm", choices=BACKBONE_NORMS, default=DEFAULT_BACKBONE_NORM,
+                   help="the frozen backbone's BatchNorms: test-batch statistics (edgetta's default) or "
+                        "source statistics (the paper's EcoTTA) (default: %(default)s)")
+    p.add_argument("--branch-init", type=float, default=DEFAULT_BRANCH_INIT,
+                   help="initial weight of the meta conv branch's BatchNorm (default: %(default)s)")
+    p.add_argument("--paper-variant", action="store_true",
+                   help="also warm up the paper's variant (source statistics) and keep its meta networks "
+                        "in the checkpoint under variants.paper, for the benchmarks")
     p.add_argument("--data-root", default=None, help="folder holding the dataset's files (default: the system's)")
     p.add_argument("--limit", type=int, default=None, help="warm up on the first N images only (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -120,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    result = warmup(checkpoint.load(a.checkpoint), a.k, a.epochs, a.batch, a.lr, a.seed,
-                    a.data_root, a.limit)
+    source = checkpoint.load(a.checkpoint)
+    source.pop("variants", None)
+    result = warmup(source, a.k, a.epochs, a.batch, a.lr, a.seed, a.data_root, a.limit,
+                    a.backbone_norm, a.branch_init)
+    if a.paper_variant:
+        paper = warmup(source, a.k, a.epochs, a.batch, a.lr, a.seed, a.data_root, a.limit,
+                       "source", a.branch_init)
+        result["variants"] = {"paper": {k: paper[k] for k in ("meta_state_dict", "backbone_norm", "warmup")}}
     result["warmup"]["command"] = "python -m edgetta_export.warmup " + " ".join(
         argv if argv is not None else sys.argv[1:])
     checkpoint.save(a.out, result)

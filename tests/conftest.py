@@ -6,11 +6,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_checkpoint(model_name: str = "wrn16_1", sparsity: float = 0.8, seed: int = 0,
-                    cold: bool = False) -> dict:
+                    cold: bool = False, backbone_norm: str | None = None) -> dict:
     """A small untrained checkpoint with ERK masks and (unless cold) non-trivial meta nets: the
     benchmarks' recipe (one for the project), with the tests' input normalization."""
     from benchmarks.common import untrained_checkpoint
-    return untrained_checkpoint(model_name, sparsity, seed, cold=cold, normalization=(0.25, 0.35))
+    return untrained_checkpoint(model_name, sparsity, seed, cold=cold, normalization=(0.25, 0.35),
+                                backbone_norm=backbone_norm)
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +24,20 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory):
     from edgetta_export.bundle import export_bundle
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     export_bundle(tiny_ckpt, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_source_ckpt():
+    """The paper's variant: the frozen backbone on its source statistics."""
+    return make_checkpoint(backbone_norm="source")
+
+
+@pytest.fixture(scope="session")
+def tiny_source_bundle(tiny_source_ckpt, tmp_path_factory):
+    from edgetta_export.bundle import export_bundle
+    out = tmp_path_factory.mktemp("bundles") / "tiny_source"
+    export_bundle(tiny_source_ckpt, out)
     return out
 
 

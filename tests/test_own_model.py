@@ -71,7 +71,11 @@ def test_plain_module_exports_with_automatic_boundaries(tmp_path):
     manifest = export_bundle(ckpt, tmp_path / "plain", profile=False)
     assert manifest["ecotta"]["part_ends"] == ckpt["part_ends"]
     assert manifest["class_names"] == [f"c{i}" for i in range(5)]
-    assert manifest["frozen"]["batchnorms_folded_into_convs"] == 5  # every conv-BN pair, through the fx parts
+    # edgetta's variant normalizes with batch statistics: the 5 BatchNorms' running statistics are kept
+    assert manifest["frozen"]["batchnorms_folded_into_convs"] == 0
+    assert len(manifest["frozen"]["backbone_running_stats"]) == 2 * 5
+    source = export_bundle({**ckpt, "backbone_norm": "source"}, tmp_path / "plain_source", profile=False, portable=False)
+    assert source["frozen"]["batchnorms_folded_into_convs"] == 5  # every conv-BN pair, through the fx parts
     # part 0 (stem a + block b, hard-swish) needs no gradient; ReLU6 in d does
     assert manifest["training_graph"]["rewrites"]["clip_grad_to_mask"] == 1
     # the partitioned backbone computes what the module computes
