@@ -155,6 +155,7 @@ class ModelReport:
     warmup: int
     steps: int
     command: str = ""
+    backbone_norm: str = ""       # the EcoTTA variant the bundles hold (manifest ecotta.backbone_norm)
     step_ms: dict[str, float] = field(default_factory=dict)        # unprofiled medians, by runner
     step_ms_all: dict[str, list[float]] = field(default_factory=dict)
     settings_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # engine -> setting -> ms
@@ -522,6 +523,9 @@ def run(models: Sequence[str], batch: int, warmup: int, steps: int, threads: int
                               os.path.relpath(bundles[m][1]["before"], ROOT), batch, threads, warmup, steps, command)
                for m in models}
     inputs = {m: frames_for(bundles[m][1]["after"], batch) for m in models}
+    for m in models:
+        manifest = json.loads((bundles[m][1]["after"] / "manifest.json").read_text())
+        reports[m].backbone_norm = manifest["ecotta"].get("backbone_norm", "source")
     if torch_on:
         for m in models:
             ckpt, dirs = bundles[m]
@@ -732,10 +736,10 @@ def render(report: dict[str, Any]) -> str:
            "",
            "## Summary: the issue's ratios, before and after, each model's in one run",
            "",
-           "| model | batch | EcoTTA in PyTorch ms | training engine ms, before -> after | training / PyTorch, "
+           "| model | EcoTTA variant | batch | EcoTTA in PyTorch ms | training engine ms, before -> after | training / PyTorch, "
            "before -> after | portable engine ms, before -> after | portable / training, before -> after | "
            "load average (1 min) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|"]
     for m in report["models"]:
         ms, b, a = m["step_ms"], _ratios(m, "before"), _ratios(m, "after")
         torch_ms = f"{ms['ecotta_torch']:.0f}" if "ecotta_torch" in ms else "not run"
@@ -743,12 +747,15 @@ def render(report: dict[str, Any]) -> str:
               else "not run")
         tr_ms = (f"{ms[key(UNPINNED, 'before')]:.0f} -> {ms[UNPINNED]:.0f}" if UNPINNED in ms else
                  f"{ms[key('ort-training', 'before')]:.0f} -> {ms['ort-training']:.0f}")
-        out.append(f"| {m['model']} | {m['batch']} | {torch_ms} | {tr_ms} | {tt} | {ms[key('onnx', 'before')]:.0f} -> "
+        out.append(f"| {m['model']} | {m.get('backbone_norm') or 'not recorded'} | {m['batch']} | {torch_ms} | {tr_ms} | {tt} | {ms[key('onnx', 'before')]:.0f} -> "
                    f"{ms['onnx']:.0f} | {b['portable_over_training']:.2f} -> {a['portable_over_training']:.2f} | "
                    f"{min(m['load_avg']):.2f}-{max(m['load_avg']):.2f} |")
     out += ["", "The training engine's figures in the first ms column are those stepped in turn with PyTorch; "
             "the portable / training ratio comes from the later phase where both engines of both variants were "
-            "stepped in turn.", ""]
+            "stepped in turn. EcoTTA variant: the frozen backbone's BatchNorms on their source statistics "
+            "(`source`, the paper's; folded into the convolutions) or on the test batch's (`batch`), as the "
+            "checkpoint says: wrn16_2 is the built-in checkpoint, other models untrained checkpoints of "
+            "benchmarks.common's recipe.", ""]
     for m in report["models"]:
         tr, po = m["profiles"]["ort-training"], m["profiles"]["onnx"]
         out += [f"## {m['model']}, batch {m['batch']}, {m['threads']} thread(s)", "",

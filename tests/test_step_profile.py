@@ -76,7 +76,7 @@ def test_report_and_document(report):
     assert "training engine: groups" in text and "EcoTTA in PyTorch: ops by self CPU time" in text
     assert "Micro-benchmark" in text and "BitShift chain vs Gather" in text
     assert "groups before and after" in text and "## Summary" in text and "Memory, fresh process" in text
-    assert "| wrn16_1 | 8 |" in text
+    assert f"| wrn16_1 | {report.backbone_norm} | 8 |" in text and report.backbone_norm in ("source", "batch")
 
 
 def test_memory_of_both_variants_and_engines(report):
