@@ -350,9 +350,11 @@ def default_checkpoint() -> Path:
 
 
 def checkpoint_label(path: Path) -> str:
-    """The checkpoint as a report names it: relative to the repository when inside it."""
+    """The checkpoint as a report names it: relative to the repository when inside it, with the
+    start of its sha256 (the default checkpoint's file is replaced when the method changes)."""
     path = Path(path).resolve()
-    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+    name = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+    return f"{name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]})"
 
 
 def bundles(settings: set[tuple[float, float | None]], checkpoint_path: Path | None = None

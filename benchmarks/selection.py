@@ -220,14 +220,18 @@ def render(data: dict[str, Any]) -> str:
         chosen = choose(vs)
         lines += [f"## Seed {seed}", "",
                   "| rho | lr | mean error | round 1 | last round | last - r1 | clean: change (running stats) | "
-                  "clean: change (batch stats) | stable | retains | chosen |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|:---:|"]
+                  "clean: change (batch stats) | distance from warmed-up (relative) | bundle | stable | retains | chosen |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|:---:|:---:|:---:|"]
         for v in vs:
+            rec = data["runs"][v.name]["record"]
+            rel = rec["rounds"][-1]["param_distance_rel"]
             lines.append(f"| {v.anchor:g} | {v.lr:g} | {_pct(v.mean_error)} | "
                          f"{_pct(v.round1)} | {_pct(v.last)} | {_pct(v.drift, True)} | {_pct(v.forgetting, True)} | "
-                         f"{_pct(v.forgetting_batch_stats, True)} | {'yes' if v.stable else 'no'} | "
+                         f"{_pct(v.forgetting_batch_stats, True)} | {'-' if rel is None else f'{rel:.1%}'} | "
+                         f"{rec.get('bundle_sha256', '')[:8] or '-'} | {'yes' if v.stable else 'no'} | "
                          f"{'yes' if v.retains else 'no'} | {'**chosen**' if v is chosen else ''} |")
-        lines += ["", f"Chosen on seed {seed}: " + (f"rho = {chosen.anchor:g}"
+        lines += ["", "Bundle: the start of the sha256 of the bundle's manifest.json, which lists every file's sha256.",
+                  "", f"Chosen on seed {seed}: " + (f"rho = {chosen.anchor:g}"
                                                     + f", lr = {chosen.lr:g}"
                                                     if chosen else "none qualifies") + ".", ""]
         lines += ["Per round (error %):", "", "| rho | lr | " + " | ".join(f"r{i}" for i in range(1, cfg["rounds"] + 1)) + " |",
