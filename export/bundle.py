@@ -296,6 +296,11 @@ def build_model(ckpt: dict[str, Any], variant: str | None = None) -> EcoTTAModel
     # checkpoints from before the "batch" variant carry no backbone_norm: the paper's
     model = EcoTTAModel(backbone, ckpt["split"], backbone_norm=ckpt.get("backbone_norm", "source"))
     model.metas.load_state_dict(ckpt["meta_state_dict"])
+    stats = ckpt.get("backbone_running_stats") or {}
+    if model.backbone_norm == "batch" and stats:  # edgetta_export.warmup.calibrate_batch_stat_norms
+        missing = model.backbone.load_state_dict(stats, strict=False).unexpected_keys
+        if missing:
+            raise ValueError(f"checkpoint's backbone_running_stats name tensors the backbone lacks: {missing[:3]}")
     return model
 
 

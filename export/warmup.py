@@ -81,6 +81,50 @@ def warm_up_meta(model: EcoTTAModel, x_train: np.ndarray, y_train: np.ndarray, m
     return steps
 
 
+@torch.no_grad()
+def calibrate_batch_stat_norms(model: EcoTTAModel, images: np.ndarray, mean: list[float], std: list[float],
+                               *, batches: int = 50, batch: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Running statistics of the batch-statistics backbone BatchNorms on clean source images
+    passed through the warmed-up model, written into the model; returns them by state-dict name.
+
+    Warm-up trains the meta networks under batch statistics, which make every backbone BatchNorm
+    blind to the scale of what reaches it; so the meta outputs need not keep the scale the
+    source statistics expect, and single frames (running statistics) would be predicted on the
+    wrong ones. The pooled statistics over ``batches`` clean batches are the ones this model's
+    features have on source data."""
+    norms = model.batch_stat_norms()
+    if not norms:
+        return {}
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(images))[:batches * batch]
+    sums = {n: [0.0, 0.0] for n in norms}
+    count = 0
+    model.train()
+    metas = [m for m in model.metas.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in metas]
+    for m in metas:  # the meta networks' running statistics stay those of the warm-up
+        m.momentum = 0.0
+    try:
+        for i in range(0, len(idx), batch):
+            model(to_tensor(images[idx[i:i + batch]], mean, std))
+            for n, norm in norms.items():
+                m, v = norm.batch_stats
+                sums[n][0] = sums[n][0] + m.double()
+                sums[n][1] = sums[n][1] + (v + m * m).double()
+            count += 1
+    finally:
+        for m, mo in zip(metas, momenta):
+            m.momentum = mo
+    out = {}
+    for n, norm in norms.items():
+        mu = sums[n][0] / count
+        var = (sums[n][1] / count - mu * mu).clamp_min(0)
+        norm.running_mean.copy_(mu.float())
+        norm.running_var.copy_(var.float())
+        out[f"{n}.running_mean"], out[f"{n}.running_var"] = norm.running_mean.clone(), norm.running_var.clone()
+    return out
+
+
 def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
            data_root: str | None, limit: int | None = None, backbone_norm: str = DEFAULT_BACKBONE_NORM,
            branch_init: float = DEFAULT_BRANCH_INIT) -> dict:
@@ -95,11 +139,13 @@ def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
     mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
     start = time.time()
     steps = warm_up_meta(model, x_train, y_train, mean, std, epochs=epochs, batch=batch, lr=lr, seed=seed)
+    calibrated = calibrate_batch_stat_norms(model, x_train, mean, std, seed=seed)
     source_acc = evaluate(source_backbone, x_test, y_test, mean, std)
     meta_acc = evaluate(model, x_test, y_test, mean, std)
     out = dict(ckpt)
     out.update({
         "split": model.split, "meta_state_dict": model.metas.state_dict(), "backbone_norm": backbone_norm,
+        "backbone_running_stats": calibrated,
         "warmup": {"epochs": epochs, "batch": batch, "lr": lr, "seed": seed, "steps": steps,
                    "backbone_norm": backbone_norm, "branch_init": branch_init,
                    "time_s": round(time.time() - start, 1), "k": k, "split": model.split,
