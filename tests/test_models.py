@@ -90,3 +90,28 @@ def test_backbone_norm_variants():
     assert all(float(m.bn.weight.detach().abs().min()) > 0 for m in batch.metas)
     with pytest.raises(ValueError, match="backbone_norm"):
         EcoTTAModel(backbone, [1, 1, 2, 2], backbone_norm="running")
+
+
+def test_calibration_gives_single_frames_the_statistics_the_meta_networks_produce():
+    """Under batch statistics the meta outputs may change scale freely (the next backbone
+    BatchNorm undoes it); the source running statistics then mispredict single frames until
+    calibrate_batch_stat_norms measures them on clean images through the model."""
+    import numpy as np
+    from edgetta_export.warmup import calibrate_batch_stat_norms
+    from edgetta_export.train import to_tensor
+    torch.manual_seed(0)
+    model = EcoTTAModel(create_model("wrn16_1"), [1, 1, 2, 2], backbone_norm="batch")
+    with torch.no_grad():
+        for m in model.metas:
+            m.bn_meta.weight.mul_(4.0)
+            m.bn_meta.bias.add_(1.0)
+    images = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    x = to_tensor(images[:128], [0.5] * 3, [0.25] * 3)
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float((model.eval()(x) - model.train()(x)).abs().max())
+    before = gap()
+    stats = calibrate_batch_stat_norms(model, images, [0.5] * 3, [0.25] * 3, batches=2, batch=128)
+    assert len(stats) == 2 * len(model.batch_stat_norms())
+    assert gap() < 0.1 * before
