@@ -166,9 +166,12 @@ def run(a: argparse.Namespace) -> int:
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}}
     old = load_json(out)
-    same = all(old.get("config", {}).get(k) == config[k]
-               for k in ("method", "checkpoint", "lambda", "frames_per_type", "rounds", "batch", "clean_frames"))
-    merge_json(out, {"config": config, "runs": old.get("runs", {}) if same else {}})
+    differ = [k for k in ("method", "checkpoint", "lambda", "frames_per_type", "rounds", "batch", "clean_frames")
+              if old.get("config", {}).get(k) != config[k]]
+    if old.get("runs") and differ and not a.fresh:
+        raise SystemExit(f"error: {out} holds runs with another {differ[0]} ({old['config'].get(differ[0])}); "
+                         "pass --fresh to replace them, or --out-dir for a grid of its own")
+    merge_json(out, {"config": config, "runs": {} if differ else old.get("runs", {})})
 
     def update(job: Job, record: dict[str, Any]) -> None:
         data = load_json(out)
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="processes at once")
     p.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new grid when the JSON holds runs of another setting (they are dropped)")
     p.add_argument("--report", action="store_true", help="only regenerate the report from the JSON")
     p.add_argument("--smoke", action="store_true", help="tiny run: 2 frames per type, batch 8, 2 rounds, 2 anchors")
     a = p.parse_args(argv)
