@@ -57,7 +57,7 @@ def test_longterm_smoke(tmp_path):
 
 def _device_and_torch(tiny_ckpt, tiny_bundle, anchor, steps=3):
     """The device loop and EcoTTA in PyTorch after the same ``steps`` batches of random frames:
-    (the device's meta state, the PyTorch model's state dict under the device's names)."""
+    (the device's state before, and after, the PyTorch model's state dict under the device's names)."""
     import numpy as np
     import torch
     from benchmarks.tta import EcoTTATorch
@@ -68,23 +68,23 @@ def _device_and_torch(tiny_ckpt, tiny_bundle, anchor, steps=3):
     a = adapter.bundle.manifest.adaptation
     norm = tiny_ckpt["normalization"]
     method = EcoTTATorch(tiny_ckpt, lr=a.lr, momentum=a.momentum, anchor=anchor)
+    start = adapter.meta_state()
     rng = np.random.default_rng(0)
     for _ in range(steps):
         frames = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
         adapter.step(frames)
         method.step(to_tensor(frames, norm["mean"], norm["std"]))
     torch_state = {"model." + k: v.numpy() for k, v in method.model.state_dict().items()}
-    return adapter.meta_state(), torch_state
+    return start, adapter.meta_state(), torch_state
 
 
 def test_ecotta_torch_moves_running_statistics_once_per_step(tiny_ckpt, tiny_bundle):
     """The regularizer recomputes each meta network in train mode; the running statistics must
     still move once per step, as on the device (they moved twice: momentum 0.19 for 0.1)."""
     import numpy as np
-    device, torch_state = _device_and_torch(tiny_ckpt, tiny_bundle, anchor=0.0)
-    stats = [n for n in device if "running_" in n]
-    assert stats
-    start = {"model.metas." + k: v.numpy() for k, v in tiny_ckpt["meta_state_dict"].items()}
+    start, device, torch_state = _device_and_torch(tiny_ckpt, tiny_bundle, anchor=0.0)
+    stats = [n for n in device if "running_" in n]  # the meta BatchNorms' (and any the device keeps)
+    assert any(".metas." in n for n in stats)
     for n in stats:
         assert not np.allclose(device[n], start[n])  # they moved
         np.testing.assert_allclose(torch_state[n], device[n], rtol=1e-4, atol=1e-5, err_msg=n)
@@ -95,8 +95,8 @@ def test_ecotta_torch_anchor_is_the_device_anchor(tiny_ckpt, tiny_bundle):
     """``EcoTTATorch(anchor=rho)`` pulls the meta parameters back as ``Adapter(anchor=rho)`` does,
     so the selection grid may use it as the device's proxy."""
     import numpy as np
-    free, _ = _device_and_torch(tiny_ckpt, tiny_bundle, anchor=0.0)
-    device, torch_state = _device_and_torch(tiny_ckpt, tiny_bundle, anchor=0.3)
+    _, free, _ = _device_and_torch(tiny_ckpt, tiny_bundle, anchor=0.0)
+    _, device, torch_state = _device_and_torch(tiny_ckpt, tiny_bundle, anchor=0.3)
     trainable = [n for n in device if "running_" not in n]
     assert any(not np.allclose(device[n], free[n]) for n in trainable)  # rho = 0.3 changes the state
     for n in trainable:
