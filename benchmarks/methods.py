@@ -94,8 +94,11 @@ def _ecotta_paper(ckpt: Checkpoint, o: BuildOptions) -> Any:
     from benchmarks import tta
     from edgetta_export.bundle import build_model
     e = o.ecotta
-    return tta.EcoTTATorch(dict(ckpt), lr=o.lr or e.lr, momentum=e.momentum, lam=e.lam, e0=e.e0,
-                           model=build_model(dict(ckpt), variant="paper"))
+    # a checkpoint warmed up with --paper-variant carries the paper's meta networks; an untrained
+    # one (the memory suite's zoo models) is the same model on source statistics
+    model = (build_model(dict(ckpt), variant="paper") if "paper" in (ckpt.get("variants") or {})
+             else build_model({**ckpt, "backbone_norm": "source"}))
+    return tta.EcoTTATorch(dict(ckpt), lr=o.lr or e.lr, momentum=e.momentum, lam=e.lam, e0=e.e0, model=model)
 
 
 _SPECS = (
