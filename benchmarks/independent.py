@@ -231,7 +231,7 @@ def render(data: dict[str, Any], project: dict[str, Any] | None = None) -> str:
          "do not edit by hand (`--report-only` regenerates it).", "",
          "**No hyperparameter of any method was tuned on these streams.** edgetta's variant (the frozen "
          "backbone's BatchNorms on test-batch statistics, meta conv branches that train) was chosen on "
-         "corrupted Fashion-MNIST *training* images of the project's generator (docs/selection.md); the "
+         "corrupted Fashion-MNIST *training* images of the project's generator ([variants.md](variants.md)); the "
          "other methods run with the settings the project ships.", "",
          "## Protocol", "",
          f"- Images: Fashion-MNIST **test** images presented as 32x32x3 (padded 2 px, channel repeated), "
