@@ -22,7 +22,7 @@ from benchmarks.tables import MODEL_LABELS, mib, model_config, ok, pct
 from edgetta.system import write_text_atomic
 
 DOC = ROOT / "docs" / "benchmarks.md"
-README_METHODS = ("source", "tent", "cotta", "ecotta_torch", "edgetta")
+README_METHODS = ("source", "tent", "cotta", "ecotta_paper", "ecotta_torch", "edgetta")
 
 
 def document(data: dict[str, Any], doc: Path = DOC, results: Path = RESULTS) -> str:
