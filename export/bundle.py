@@ -36,7 +36,7 @@ from . import checkpoint as ckpt_io
 from edgetta import manifest as contract
 from edgetta.bundle import sha256_file
 
-from .ecotta import EcoTTAModel, loss_from_features
+from .ecotta import EcoTTAModel, loss_from_features, replace_batchnorms
 from .lean import LeanOptions, make_lean
 from .portable import make_portable
 from .models import Backbone
@@ -107,12 +107,7 @@ def fold_batchnorms_into_convs(model: nn.Module, prefix: str = "backbone.") -> l
 
 def freeze_batchnorms(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d below ``module`` by its FrozenAffine, in place."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, FrozenAffine(child))
-        else:
-            freeze_batchnorms(child)
-    return module
+    return replace_batchnorms(module, FrozenAffine)
 
 
 def meta_batchnorms(model: EcoTTAModel) -> dict[str, nn.BatchNorm2d]:

@@ -91,14 +91,19 @@ class BatchStatNorm(nn.Module):
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
-def use_test_batch_statistics(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d below ``module`` by its BatchStatNorm, in place."""
+def replace_batchnorms(module: nn.Module, make) -> nn.Module:
+    """Replace every BatchNorm2d below ``module`` by ``make(bn)``, in place."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, BatchStatNorm(child))
+            setattr(module, name, make(child))
         else:
-            use_test_batch_statistics(child)
+            replace_batchnorms(child, make)
     return module
+
+
+def use_test_batch_statistics(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d below ``module`` by its BatchStatNorm, in place."""
+    return replace_batchnorms(module, BatchStatNorm)
 
 
 class MetaNet(nn.Module):
