@@ -28,13 +28,15 @@ CACHE = Path(os.environ.get("EDGETTA_BENCH_CACHE", ROOT / ".cache" / "benchmarks
 GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 
 
-def continual_stream(per_type: int, severity: int = 5, seed: int = 0) -> Path:
-    """Fashion-MNIST test images, the 15 corruption types in the standard order at one
-    severity, ``per_type`` distinct images each, no reset between types (at 200 per type,
-    severity 5, seed 0 it is the built-in demo stream). Cached."""
-    path = CACHE / f"stream_continual_{per_type}_s{severity}_seed{seed}.npz"
+def continual_stream(per_type: int, severity: int = 5, seed: int = 0, split: str = "test") -> Path:
+    """Fashion-MNIST ``split`` images, the 15 corruption types in the standard order at one
+    severity, ``per_type`` distinct images each, no reset between types (test images at 200 per
+    type, severity 5, seed 0: the built-in demo stream; ``split="train"``: the selection streams
+    that hyperparameters are chosen on). Cached."""
+    tag = "" if split == "test" else f"_{split}"
+    path = CACHE / f"stream_continual{tag}_{per_type}_s{severity}_seed{seed}.npz"
     if not path.exists():
-        _save_stream(path, per_type, severity, seed)
+        _save_stream(path, per_type, severity, seed, split)
     return path
 
 
@@ -48,13 +50,15 @@ def gradual_stream(per_segment: int, seed: int = 0) -> Path:
     return path
 
 
-def _save_stream(path: Path, per_type: int, severity: int | tuple[int, ...], seed: int) -> None:
+def _save_stream(path: Path, per_type: int, severity: int | tuple[int, ...], seed: int,
+                 split: str = "test") -> None:
     from edgetta_export.demo_stream import build
-    s = build(per_type, severity, seed)
+    s = build(per_type, severity, seed, split=split)
     severities = s["severities"] if "severities" in s else np.full(len(s["images"]), severity, np.int8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         np.savez(f, images=s["images"], labels=s["labels"].astype(np.int64), domains=s["domains"],
-                 domain_names=s["domain_names"], severities=severities,
+                 domain_names=s["domain_names"], severities=severities, source_index=s["source_index"],
                  description=np.array(str(s["description"]) + f" (seed {seed})"))
 
 

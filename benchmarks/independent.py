@@ -36,8 +36,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.common import (CACHE, RESULTS, ROOT, HelpFormatter, export_cached_bundle, load_json, merge_json,
-                               positive_int, run_cli, run_job)
+from benchmarks.common import (CACHE, RESULTS, ROOT, HelpFormatter, continual_stream, export_cached_bundle, load_json,
+                               merge_json, positive_int, run_cli, run_job)
 from benchmarks.methods import RUNNABLE, ordered, spec
 from edgetta.system import atomic_write, write_text_atomic
 
@@ -78,8 +78,6 @@ class StreamSpec:
 
     @property
     def path(self) -> Path:
-        if self.generator == "project":
-            return CACHE / "independent" / f"project_{self.per_kind}_s{self.severity}_seed{self.seed}.npz"
         tag = "all" if self.kinds == KINDS else "-".join(k[:4] for k in self.kinds)
         return CACHE / "independent" / f"ic_{tag}_{self.per_kind}_s{self.severity}_seed{self.seed}_w{self.work_size}.npz"
 
@@ -122,15 +120,11 @@ def corrupt_one(image: np.ndarray, kind: str, severity: int, seed: Sequence[int]
 
 def build_stream(s: StreamSpec) -> Path:
     """Build and cache the stream (images, labels, domains, domain_names, severities: what
-    ``benchmarks.run_method --stream`` reads); the cached file when it exists."""
-    if s.path.exists():
-        return s.path
+    ``benchmarks.run_method --stream`` reads); the cached file when it exists. The project
+    generator's streams are ``benchmarks.common.continual_stream``'s."""
     if s.generator == "project":
-        from edgetta_export import demo_stream
-        data = demo_stream.build(s.per_kind, s.severity, s.seed, split="test")
-        s.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(s.path) as f:
-            np.savez(f, **data)
+        return continual_stream(s.per_kind, s.severity, s.seed)
+    if s.path.exists():
         return s.path
     from edgetta_export import datasets
     images, labels = datasets.fashion_mnist("test")

@@ -46,9 +46,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, load_json, merge_json, run_cli
+from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, continual_stream, load_json, merge_json, run_cli
 from benchmarks.longterm import Job, bundles, checkpoint_label, clean_subset, default_checkpoint, run_jobs, summary
-from edgetta.system import atomic_write, write_text_atomic
+from edgetta.system import write_text_atomic
 
 log = logging.getLogger("benchmarks.selection")
 
@@ -95,20 +95,6 @@ class Verdict:
         return self.stable and self.retains
 
 
-def selection_stream(per_type: int, seed: int, severity: int = 5) -> Path:
-    """The project's corruptions on Fashion-MNIST TRAIN images (cached; the format
-    ``benchmarks.longterm``'s worker reads)."""
-    path = CACHE / "selection" / f"stream_train_{per_type}_s{severity}_seed{seed}.npz"
-    if not path.exists():
-        from edgetta_export.demo_stream import build
-        s = build(per_type, severity, seed, split="train")
-        with atomic_write(path) as f:
-            np.savez(f, images=s["images"], labels=s["labels"].astype(np.int64), domains=s["domains"],
-                     domain_names=s["domain_names"], source_index=s["source_index"],
-                     description=np.array(str(s["description"]) + f" (seed {seed})"))
-    return path
-
-
 def verdict(name: str, rec: dict[str, Any], seed: int, bundle_lr: float) -> Verdict | None:
     """The criterion's figures of one finished (or stopped) run; None before its first round."""
     s = summary(rec)
@@ -152,7 +138,7 @@ def run(a: argparse.Namespace) -> int:
     partial_dir = CACHE / "selection" / ("smoke" if a.smoke else "full")
     jobs, names = [], {}
     for seed in a.seeds:
-        stream, clean = selection_stream(a.frames_per_type, seed), clean_subset(a.clean_frames, seed, "train")
+        stream, clean = continual_stream(a.frames_per_type, 5, seed, split="train"), clean_subset(a.clean_frames, seed, "train")
         for g in grid:
             job = Job(a.method, stream, clean, bundle, checkpoint_path, partial_dir / f"{a.method}{g.tag}_seed{seed}.json",
                       g.tag, a.rounds, a.batch, 1, seed, tuple(a.clean_after), g.lr, g.anchor or None)

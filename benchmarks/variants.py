@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, load_json, merge_json, run_cli, run_job
-from edgetta.system import atomic_write, write_text_atomic
+from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, continual_stream, load_json, merge_json, run_cli, run_job
+from edgetta.system import write_text_atomic
 
 JSON_NAME = "variants.json"
 DOC = ROOT / "docs" / "variants.md"
@@ -60,18 +60,6 @@ VARIANTS = (
     Variant("batch0", "batch", 0.0, "test-batch statistics, conv branch dead"),
     Variant("batch", "batch", 0.1, "test-batch statistics, conv branch alive: edgetta's default"),
 )
-
-
-def selection_stream(seed: int, per_type: int, severity: int) -> Path:
-    """The project's generator on Fashion-MNIST TRAIN images (cached)."""
-    path = CACHE / "variants" / f"train_{per_type}_s{severity}_seed{seed}.npz"
-    if not path.exists():
-        from edgetta_export import demo_stream
-        data = demo_stream.build(per_type, severity, seed, split="train")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as f:
-            np.savez(f, **data)
-    return path
 
 
 def warmed_up(v: Variant, source: Path, epochs: float, threads: int, reuse: dict[str, str]) -> Path:
@@ -182,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = {row: checkpoint.load(path)["warmup"]["test_accuracy_with_meta"] for row, path in ckpts.items()}
     runs = []
     for seed in a.seeds:
-        stream = selection_stream(seed, a.frames_per_type, a.severity)
+        stream = continual_stream(a.frames_per_type, a.severity, seed, split="train")
         for batch in a.batches:
             for row in [*ckpts, "bn_adapt", "tent"]:
                 method, ck = ("ecotta_torch", ckpts[row]) if row in ckpts else (row, source)
