@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 data[s]["config"]["partial_commands"] = list(dict.fromkeys(
                     pc.get("partial_commands", [pc.get("command")]) + [command]))
         if "memory" in jobs_suites:  # a memory run replaces only the (model, method) pairs it measures
-            old = load_json(json_path).get("memory", {})
+            old = old_all.get("memory", {})
             results = old.get("results", {})
             for model in a.memory_models:
                 for ml in list(results.get(model, {})):
@@ -254,11 +254,10 @@ def main(argv: list[str] | None = None) -> int:
             data["memory"]["models"] = old.get("models", {})
             for model in a.memory_models:
                 prev = data["memory"]["models"].get(model, {})
-                full = set(a.methods) >= set(RUNNABLE)
                 data["memory"]["models"][model] = {
-                    **memory_config(a, model), "command": command if full else prev.get("command", command),
+                    **memory_config(a, model), "command": command if full_run else prev.get("command", command),
                     "started": config["started"], "machine": config["machine"],
-                    "partial_commands": ([] if full else list(dict.fromkeys(prev.get("partial_commands", []) + [command])))}
+                    "partial_commands": ([] if full_run else list(dict.fromkeys(prev.get("partial_commands", []) + [command])))}
         bar = _progress(len(jobs), a.quiet)
         for key, args in jobs:
             bar.set_description(" ".join(key))

@@ -215,8 +215,7 @@ def _cell(r: dict[str, Any] | None) -> str:
 def render(data: dict[str, Any], project: dict[str, Any] | None = None) -> str:
     """docs/validation.md from the JSON report of the independent generator and, when given,
     that of the same protocol on the project's generator (``--generator project``)."""
-    cfg, summary = data["config"], data["summary"]
-    methods = [m for m in cfg["methods"] if m in summary]
+    cfg = data["config"]
     sevs = [str(s) for s in cfg["severities"]]
     batches = [str(b) for b in cfg["batches"]]
     seeds = cfg["seeds"]

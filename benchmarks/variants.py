@@ -68,14 +68,14 @@ def warmed_up(v: Variant, source: Path, epochs: float, threads: int, reuse: dict
     when one made by the same warm-up already exists."""
     out = CACHE / "variants" / f"{v.backbone_norm}_b{v.branch_init:g}_e{epochs:g}.pt"
     if v.name in reuse:
-        from edgetta_export import checkpoint
         path, _, variant = reuse[v.name].partition(":")
+        if not variant:
+            return Path(path)
+        from edgetta_export import checkpoint
         ck = checkpoint.load(path)
-        if variant:
-            ck = {**ck, **ck["variants"][variant]}
         out = out.with_name(out.stem + "_reused.pt")
         out.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(out, ck)
+        checkpoint.save(out, {**ck, **ck["variants"][variant]})
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "edgetta_export.warmup", str(source), "--k", "4", "--epochs", str(epochs),

@@ -149,10 +149,6 @@ def running_stat_layers(model: EcoTTAModel) -> list[str]:
     return [*meta_batchnorms(model), *(f"backbone.{n}" for n in model.batch_stat_norms())]
 
 
-def stat_output_names(model: EcoTTAModel) -> list[str]:
-    return [contract.stat_output(name, s) for name in running_stat_layers(model) for s in ("mean", "var")]
-
-
 def _export(module: nn.Module, x: torch.Tensor, output_names: list[str]) -> onnx.ModelProto:
     buf = io.BytesIO()
     dyn = {"input": {0: "batch"}, "logits": {0: "batch"}}
@@ -293,9 +289,9 @@ def build_model(ckpt: dict[str, Any], variant: str | None = None) -> EcoTTAModel
     model.metas.load_state_dict(ckpt["meta_state_dict"])
     stats = ckpt.get("backbone_running_stats") or {}
     if model.backbone_norm == "batch" and stats:  # edgetta_export.warmup.calibrate_batch_stat_norms
-        missing = model.backbone.load_state_dict(stats, strict=False).unexpected_keys
-        if missing:
-            raise ValueError(f"checkpoint's backbone_running_stats name tensors the backbone lacks: {missing[:3]}")
+        unknown = model.backbone.load_state_dict(stats, strict=False).unexpected_keys
+        if unknown:
+            raise ValueError(f"checkpoint's backbone_running_stats name tensors the backbone lacks: {unknown[:3]}")
     return model
 
 
@@ -325,14 +321,18 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
     x = torch.randn(export_batch, 3, size, size)
 
     meta_params = [f"model.metas.{n}" for n, _ in model.metas.named_parameters()]
-    meta_stats = [f"model.{n}.running_{s}" for n in meta_batchnorms(model) for s in ("mean", "var")]
-    # inputs of the inference graph only: the training graph normalizes with the batch's
-    backbone_stats = [f"model.backbone.{n}.running_{s}" for n in model.batch_stat_norms() for s in ("mean", "var")]
-    running = meta_stats + backbone_stats
+    # batch-statistic output -> running statistic, the meta BatchNorms' first; the backbone's are
+    # inputs of the inference graph only (the training graph normalizes with the batch's)
+    running_of = {contract.stat_output(n, s): f"model.{n}.running_{s}"
+                  for n in running_stat_layers(model) for s in ("mean", "var")}
+    running = list(running_of.values())
+    meta_stats = [n for n in running if n.startswith("model.metas.")]
+    backbone_stats = [n for n in running if n.startswith("model.backbone.")]
+    meta_tensors = set(meta_params + running)
     backbone_names = {f"model.backbone.{n}" for n, _ in model.backbone.named_parameters()}
     backbone_names |= {f"model.backbone.{n}" for n, _ in model.backbone.named_buffers()}
     backbone_names -= set(backbone_stats)
-    stat_outputs = stat_output_names(model)
+    stat_outputs = list(running_of)
 
     out = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent if out.parent.exists() else None))
@@ -381,7 +381,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
         infer_model = InferenceGraph(model)
         infer_model.training = True  # no value-based initializer merging; BNs stay eval-mode
         infer_proto = _export(infer_model, x, ["logits"])
-        _keep_inputs(infer_proto, set(meta_params + running))
+        _keep_inputs(infer_proto, meta_tensors)
         _fix_ir(infer_proto)
         sparse_count = 0
         if sparse_storage:
@@ -393,10 +393,9 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                     onnx.save(graph, tmp / name)
         onnx.save(infer_proto, tmp / "inference.onnx")
 
-        initial = {i.name: numpy_helper.to_array(i) for i in infer_proto.graph.initializer
-                   if i.name in set(meta_params + running)}
-        if set(initial) != set(meta_params + running):
-            raise RuntimeError(f"inference graph lacks meta tensors {sorted(set(meta_params + running) - set(initial))}")
+        initial = {i.name: numpy_helper.to_array(i) for i in infer_proto.graph.initializer if i.name in meta_tensors}
+        if set(initial) != meta_tensors:
+            raise RuntimeError(f"inference graph lacks meta tensors {sorted(meta_tensors - set(initial))}")
         np.savez(tmp / "meta_init.npz", **initial)  # warmed-up meta state, readable without onnx
         mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
         files = {}
@@ -447,8 +446,7 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                        "backbone_tensors": len(backbone_names),
                        "backbone_storage": "graph constants",
                        "batchnorms_folded_into_convs": len(folded)},
-            "running_stats": {contract.stat_output(n, s): f"model.{n}.running_{s}"
-                              for n in running_stat_layers(model) for s in ("mean", "var")},
+            "running_stats": running_of,
             "backbone": {"density": total_density(sparsity), "sparsity_report": sparsity,
                          "pruning": ckpt.get("pruning", {}),
                          "sparse_initializers": sparse_count},

@@ -130,7 +130,6 @@ def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
            branch_init: float = DEFAULT_BRANCH_INIT) -> dict:
     torch.manual_seed(seed)
     backbone = checkpoint.build_backbone(ckpt)
-    source_backbone = checkpoint.build_backbone(ckpt)
     model = EcoTTAModel(backbone, default_split(len(backbone.blocks), k), backbone_norm, branch_init)
     x_train, y_train, _ = datasets.load(ckpt.get("dataset", "fashion-mnist"), "train", data_root)
     x_test, y_test, _ = datasets.load(ckpt.get("dataset", "fashion-mnist"), "test", data_root)
@@ -140,7 +139,7 @@ def warmup(ckpt: dict, k: int, epochs: float, batch: int, lr: float, seed: int,
     start = time.time()
     steps = warm_up_meta(model, x_train, y_train, mean, std, epochs=epochs, batch=batch, lr=lr, seed=seed)
     calibrated = calibrate_batch_stat_norms(model, x_train, mean, std, seed=seed)
-    source_acc = evaluate(source_backbone, x_test, y_test, mean, std)
+    source_acc = evaluate(backbone, x_test, y_test, mean, std)  # the model converts a copy of it
     meta_acc = evaluate(model, x_test, y_test, mean, std)
     out = dict(ckpt)
     out.update({
