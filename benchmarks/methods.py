@@ -95,9 +95,13 @@ def _ecotta_paper(ckpt: Checkpoint, o: BuildOptions) -> Any:
     from edgetta_export.bundle import build_model
     e = o.ecotta
     # a checkpoint warmed up with --paper-variant carries the paper's meta networks; an untrained
-    # one (the memory suite's zoo models) is the same model on source statistics
-    model = (build_model(dict(ckpt), variant="paper") if "paper" in (ckpt.get("variants") or {})
-             else build_model({**ckpt, "backbone_norm": "source"}))
+    # one (the memory suite's zoo models: no warm-up record) is the same model on source statistics
+    if "paper" in (ckpt.get("variants") or {}):
+        model = build_model(dict(ckpt), variant="paper")
+    elif "warmup" not in ckpt:
+        model = build_model({**ckpt, "backbone_norm": "source"})
+    else:
+        raise ValueError("ecotta_paper needs the paper's meta networks: warm up with --paper-variant")
     return tta.EcoTTATorch(dict(ckpt), lr=o.lr or e.lr, momentum=e.momentum, lam=e.lam, e0=e.e0, model=model)
 
 

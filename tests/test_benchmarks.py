@@ -226,3 +226,11 @@ def test_benchmark_help_shows_every_default():
     assert "--batch BATCH (default: 64)" in text and "--seed SEED (default: 0)" in text
     assert "'uniform 50%'" in text  # a literal % in a help text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_ecotta_paper_runs_on_source_statistics_and_needs_the_paper_variant(tiny_ckpt):
+    eco = methods.create("ecotta_paper", tiny_ckpt)  # untrained: the same model on source statistics
+    assert eco.model.backbone_norm == "source" and not eco.model.batch_stat_norms()
+    assert eco.step(_x(0)).shape[0] == _x(0).shape[0]
+    with pytest.raises(ValueError, match="paper-variant"):  # warmed up without it: no paper meta networks
+        methods.create("ecotta_paper", {**tiny_ckpt, "warmup": {}})
