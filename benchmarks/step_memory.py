@@ -1,10 +1,14 @@
-"""Memory and time of one adaptation step: onnxruntime-training's generated graph against
-edgetta's lean rewrite, same model, same batches, measured side by side in one run.
+"""Memory and time of one adaptation step: onnxruntime-training's generated graph, edgetta's
+lean rewrite, and the lean rewrite with the meta networks' kept inputs compressed to 8 bits
+(``LeanOptions(activation_bits=8)``), same model, same batches, measured side by side in one run.
 
     python -m benchmarks.step_memory --batches 16 64 --repeats 5
+    python -m benchmarks.step_memory --model wrn28_10 --graphs lean compressed --batches 64 --repeats 1
 
-Each measurement is a fresh torch-free process (``edgetta.profile.measure_step``, two steps);
-the static figures come from the graph's liveness (``edgetta.profile.analyse``).
+Each measurement is a fresh torch-free process (``edgetta.profile.measure_step``, two steps) on
+the engine ``--engine`` names; the static figures come from the graph's liveness
+(``edgetta.profile.analyse``) for that engine. ``--model`` measures an untrained ERK-80% zoo model
+instead of a checkpoint (memory does not depend on the weights' values).
 """
 from __future__ import annotations
 
@@ -13,38 +17,46 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, HelpFormatter, run_cli
+from benchmarks.common import RESULTS, HelpFormatter, run_cli, untrained_checkpoint
 from edgetta.bundle import Bundle
 from edgetta.profile import MIB, analyse, measure_step
 from edgetta.system import write_text_atomic
 from edgetta.targets import get_target
 from edgetta_export import checkpoint
 from edgetta_export.bundle import DEFAULT_CHECKPOINT, export_bundle
+from edgetta_export.lean import LeanOptions
+
+# graph name -> export options
+GRAPHS = {"generated": dict(lean=False),
+          "lean": dict(lean=True),
+          "compressed": dict(lean=True, lean_options=LeanOptions(activation_bits=8))}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step_memory", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--model", default=None, help="an untrained zoo model instead of --checkpoint (e.g. wrn28_10)")
+    p.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS))
+    p.add_argument("--engine", choices=["ort-training", "onnx"], default="ort-training")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per point (median kept)")
     p.add_argument("--out", default=str(RESULTS / "step_memory.json"))
     a = p.parse_args(argv)
-    ckpt = checkpoint.load(a.checkpoint)
+    ckpt = untrained_checkpoint(a.model) if a.model else checkpoint.load(a.checkpoint)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         bundles = {}
-        for lean in (False, True):
-            out = Path(tmp) / ("lean" if lean else "generated")
-            export_bundle(ckpt, out, lean=lean, profile=False)
-            bundles["lean" if lean else "generated"] = out
+        for graph in a.graphs:
+            bundles[graph] = Path(tmp) / graph
+            export_bundle(ckpt, bundles[graph], profile=False, **GRAPHS[graph])
         for batch in a.batches:
             for graph, path in bundles.items():
-                static = analyse(Bundle.open(path), get_target("x86-64"), batch)
-                runs = sorted((measure_step(path, batch) for _ in range(a.repeats)),
+                static = analyse(Bundle.open(path), get_target("x86-64"), batch, engine=a.engine)
+                runs = sorted((measure_step(path, batch, engine=a.engine) for _ in range(a.repeats)),
                               key=lambda m: m["step_peak"])
                 m = runs[len(runs) // 2]
-                row = {"graph": graph, "batch": batch,
+                row = {"graph": graph, "engine": a.engine, "batch": batch,
                        "static_activations_mib": round(static["adaptation"]["activations_kept"] / MIB, 1),
                        "static_step_mib": round((static["adaptation"]["activations_kept"]
                                                  + static["adaptation"]["workspace"]) / MIB, 1),
@@ -52,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                        "measured_peak_rss_mib": round(m["peak_after_step"] / MIB, 1),
                        "step_ms": round(sorted(r["step_ms"] for r in runs)[len(runs) // 2], 1)}
                 rows.append(row)
-                print(json.dumps(row))
-    write_text_atomic(a.out, json.dumps({"checkpoint": a.checkpoint, "rows": rows}, indent=2))
+                print(json.dumps(row), flush=True)
+    write_text_atomic(a.out, json.dumps({"checkpoint": a.model or a.checkpoint, "rows": rows}, indent=2))
     print(f"{'batch':>5s} {'graph':>10s} {'static MiB':>11s} {'measured MiB':>13s} {'peak RSS':>9s} {'step ms':>8s}")
     for r in rows:
         print(f"{r['batch']:5d} {r['graph']:>10s} {r['static_step_mib']:11.1f} {r['measured_step_growth_mib']:13.1f} "

@@ -62,10 +62,16 @@ def cmd_export(a: argparse.Namespace) -> int:
         else:
             ckpt_path = Path(a.checkpoint) if a.checkpoint else host_bundle.DEFAULT_CHECKPOINT
             ckpt, source = ckpt_io.load(ckpt_path), ckpt_path.name
+        options = {}
+        if a.activation_bits is not None:
+            from dataclasses import replace
+            from edgetta_export.lean import LeanOptions
+            bits = None if a.activation_bits == "none" else int(a.activation_bits)
+            options["lean_options"] = replace(LeanOptions(), activation_bits=bits)
         manifest = host_bundle.export_bundle(
             ckpt, a.out, lr=a.lr, momentum=a.momentum, lam=a.lam, e0=a.e0,
             batch_size=a.batch, sparse_storage=not a.dense_storage, lean=not a.no_lean,
-            profile=not a.no_profile)
+            profile=not a.no_profile, **options)
     except (EdgettaError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -233,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "keep float activations) instead of the mask-based rewrite")
     e.add_argument("--no-profile", action="store_true",
                    help="skip the memory profile (one measured adaptation step) in the manifest")
+    e.add_argument("--activation-bits", choices=["8", "none"], default=None,
+                   help="store the meta networks' kept inputs as 8-bit integers per sample and channel "
+                        "with stochastic rounding, or as float32 ('none'); default: the exporter's "
+                        "(docs/compressed_activations.md)")
     own = e.add_argument_group("your own model and images (instead of --checkpoint)")
     own.add_argument("--arch", default=None,
                      help="zoo name (wrn16_2, resnet26, mobilenet_v2, mobilenet_v3s, ...) or "

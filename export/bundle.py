@@ -307,6 +307,8 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
     import onnxruntime
     from onnxruntime.training import artifacts
 
+    if lean_options.activation_bits is not None and not lean:
+        raise ExportError("compressed activations (activation_bits) are a rewrite of the lean graph: export with lean=True")
     onnxruntime.set_default_logger_severity(3)
 
     model = build_model(ckpt)

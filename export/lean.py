@@ -51,9 +51,13 @@ import numpy as np
 
 
 def spatial_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
-    inferred = onnx.shape_inference.infer_shapes(model)
+    return declared_spatial_dims(onnx.shape_inference.infer_shapes(model).graph)
+
+
+def declared_spatial_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """(H, W) of every 4-D tensor whose value info ``graph`` declares with both known."""
     dims = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
         shape = vi.type.tensor_type.shape.dim
         if len(shape) == 4 and all(d.HasField("dim_value") for d in shape[2:]):
             dims[vi.name] = [d.dim_value for d in shape[2:]]
@@ -256,6 +260,100 @@ def _unpack_mask(bits: str, like: str, out: str, const: _Constants, nhwc: bool =
     ]
 
 
+# a group whose values are all equal gets this range instead of 0: its step stays finite and
+# every value is stored exactly as the group's minimum
+_MIN_RANGE = 1e-20
+_LEVELS = 254.99  # see compress_activation
+
+
+@dataclass(frozen=True)
+class CompressedActivation:
+    """The tensors that stand for a compressed forward tensor ``source`` in the backward pass:
+    ``data`` (N, C*H*W) uint8, ``step`` and ``minimum`` (N, C, 1, 1) float."""
+    source: str
+    data: str
+    step: str
+    minimum: str
+
+
+def compress_activation(x: str, sample_shape: list[int], const: _Constants, seed: int
+                        ) -> tuple[list[onnx.NodeProto], CompressedActivation]:
+    """Forward nodes storing the 4-D tensor ``x`` as 8-bit integers, one group per (sample,
+    channel): ``q = floor((x - min) / step + u)``, ``step = (max - min) / 254.99``, ``u`` uniform in
+    [0, 1), so each value is rounded up or down at random with the probability that makes its
+    expectation exact (stochastic rounding, as ActNN does). Per-channel groups because
+    channels differ in range by orders of magnitude before a BatchNorm (one channel's range
+    would coarsen the others), and per sample so that a group is all one frame's values.
+    The step is the range over 254.99, not 255: the top level is then at most 254.99 + u < 256
+    even where division rounds up or ``u`` comes out as 1, so no clipping is needed.
+    The noise ``u`` is drawn for one sample, (1, *sample_shape), and shared by the batch: each
+    value is still rounded up with the probability that makes it exact, but drawing a value per
+    element (``RandomUniformLike(x)``) cost more than half the overhead of compression
+    (docs/compressed_activations.md). ``RandomUniform`` gets a fixed ``seed``: a session's
+    steps draw different noise, two sessions (or engines) draw the same sequence."""
+    n = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out + "_node", **kw)
+    p = x + ".q8"
+    c = CompressedActivation(x, p + ".bytes", p + ".step", p + ".min")
+    nodes = [
+        n("ReduceMin", [x], c.minimum, axes=[2, 3], keepdims=1),
+        n("ReduceMax", [x], p + ".max", axes=[2, 3], keepdims=1),
+        n("Sub", [p + ".max", c.minimum], p + ".range"),
+        n("Max", [p + ".range", const(_MIN_RANGE, np.float32)], p + ".range_safe"),
+        n("Div", [p + ".range_safe", const(_LEVELS, np.float32)], c.step),
+        n("RandomUniform", [], p + ".noise", dtype=TensorProto.FLOAT, low=0.0, high=1.0, seed=float(seed),
+          shape=[1, *sample_shape]),
+        n("Sub", [x, c.minimum], p + ".shifted"),
+        n("Div", [p + ".shifted", c.step], p + ".levels"),
+        n("Add", [p + ".levels", p + ".noise"], p + ".dithered"),
+        n("Floor", [p + ".dithered"], p + ".floor"),
+        n("Cast", [p + ".floor"], p + ".u8", to=TensorProto.UINT8),
+        # kept flat: the backward's Reshape back to (N, C, H, W) is then a real reshape that
+        # reads the gradient (see decompress_activation)
+        n("Reshape", [p + ".u8", const([0, -1], np.int64)], c.data),
+    ]
+    return nodes, c
+
+
+def decompress_activation(c: CompressedActivation, sample_shape: list[int], like: str, out: str,
+                          const: _Constants) -> list[onnx.NodeProto]:
+    """``q * step + min`` shaped (N, *sample_shape): within one ``step`` of the original per
+    element. Its first node reads the batch size of ``like``, the gradient of the node that
+    will read ``out``: onnxruntime runs a node as soon as its inputs exist, so a decompression
+    that read only the stored bytes would run in the forward pass and hold the float copy
+    through the backward pass (as the mask unpacking, ``_unpack_mask``). A dependency on the
+    gradient's shape alone does not hold: onnxruntime's optimizer infers the Reshape's output
+    shape (batch, *sample_shape), sees a single unknown dimension, and replaces the target by
+    the constant (-1, *sample_shape), whatever computed it (seen in its optimized graph: every
+    decompression ran in the forward pass). So the batch size is ``max(Shape(like)[0],
+    isnan(like[0]))``, which equals ``Shape(like)[0]`` but reads one value of the gradient,
+    which no optimizer can know in advance."""
+    n = lambda op, ins, o, **kw: helper.make_node(op, ins, [o], name=o + "_node", **kw)
+    return [
+        n("Shape", [like], out + ".batch_dim", start=0, end=1),
+        n("Reshape", [like, const([-1], np.int64)], out + ".grad_flat"),
+        n("Slice", [out + ".grad_flat", const([0], np.int64), const([1], np.int64)], out + ".grad_first"),
+        n("IsNaN", [out + ".grad_first"], out + ".grad_nan"),
+        n("Cast", [out + ".grad_nan"], out + ".grad_dep", to=TensorProto.INT64),
+        n("Max", [out + ".batch_dim", out + ".grad_dep"], out + ".batch"),
+        n("Concat", [out + ".batch", const(sample_shape, np.int64)], out + ".shape", axis=0),
+        n("Reshape", [c.data, out + ".shape"], out + ".u8"),
+        n("Cast", [out + ".u8"], out + ".levels", to=TensorProto.FLOAT),
+        n("Mul", [out + ".levels", c.step], out + ".scaled"),
+        n("Add", [out + ".scaled", c.minimum], out),
+    ]
+
+
+def _sample_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """(C, H, W) of every 4-D tensor whose dimensions past the batch are known."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[1:]):
+            out[vi.name] = [d.dim_value for d in dims[1:]]
+    return out
+
+
 def frozen_conv_outputs(graph: onnx.GraphProto) -> set[str]:
     """Tensors computed from frozen convolutions by ops that onnxruntime's x86 NCHWc layout
     pass keeps in its blocked layout (their folded BatchNorms and ReLUs, residual additions
@@ -411,6 +509,15 @@ class LeanOptions:
     # offset, stride-1 meta input gradients as a Conv of flipped kernels, BatchNorm gradients
     # with one full-size pass fewer; off, as before (a Conv of transposed tensors, ConvTranspose)
     portable_gradients: bool = True
+    # the meta networks' kept inputs (what the backward pass's BatchNorm and conv weight
+    # gradients read) stored as integers of this many bits per (sample, channel) with stochastic
+    # rounding, decompressed where the gradient reads them (``compress_activation``); None keeps
+    # them float32. Only 8 is implemented.
+    activation_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.activation_bits not in (None, 8):
+            raise ValueError(f"activation_bits must be 8 or None, got {self.activation_bits!r}")
 
 
 def flipped_weights(w: np.ndarray, group: int) -> np.ndarray:
@@ -456,6 +563,29 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     clip_muls = clip_gradient_masks(training.graph, nodes)
     weights = frozen_weights(training.graph)
     added: set[str] = set()
+    # the meta networks' kept inputs: what the main backward pass's BatchNorm gradients (X) and
+    # conv weight gradients (X) read. Early readers (the regularizer's gradients, placed in the
+    # forward pass) keep the exact float; the network's input is the caller's, held anyway.
+    main = _backward(nodes, "logits_grad") if options.activation_bits else set()
+    shapes = _sample_shapes(forward) if main else {}
+    compressed: dict[str, CompressedActivation] = {}
+    compressed_bytes = 0
+
+    def compress(i: int, node: onnx.NodeProto) -> None:
+        nonlocal compressed_bytes
+        x, dy = node.input[1], node.input[0]
+        if i not in main or x not in producer or x not in shapes:
+            return
+        if x not in compressed:
+            fwd, compressed[x] = compress_activation(x, shapes[x], consts, seed=len(compressed) + 1)
+            after.setdefault(producer[x], []).extend(fwd)
+            compressed_bytes += int(np.prod(shapes[x]))
+        out = f"{x}.q8.restored{i}"
+        before.setdefault(i, []).extend(decompress_activation(compressed[x], shapes[x], dy, out, consts))
+        node.input[1] = out
+        # its shape, for the portable step's rewrite of the gradient node (make_portable)
+        training.graph.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [None, *shapes[x]]))
+
     convs = relus = transposed = clipped = depthwise = to_conv = flipped_bytes = 0
     for i, node in enumerate(nodes):
         if i in clip_muls:  # ReLU6: one bit, lo < x < hi (torch's hardtanh gradient is strict too)
@@ -487,6 +617,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             wants_bias = len(node.output) > 2 and node.output[2] != ""
             x = node.input[1]
             if wants_weight or wants_bias:
+                compress(i, node)
                 continue
             a = node_attrs(node)
             k = list(a["kernel_shape"])
@@ -526,6 +657,8 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
                 "ConvTranspose", [node.input[0], node.input[2]], [node.output[0]], name=name,
                 kernel_shape=k, strides=strides, pads=pads, dilations=dil, group=group, output_padding=out_pad)
             convs += 1
+        elif node.op_type == "BatchNormalizationGrad" and node.domain == "com.microsoft":
+            compress(i, node)
         elif node.op_type == "ReluGrad" and node.domain == "com.microsoft":
             y, dy = node.input[1], node.input[0]
             packed = bit_masks and per_sample.get(y, 1) % 8 == 0
@@ -559,4 +692,6 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             "relu_grad_to_mask": relus, "relu_masks_bit_packed": bits, "relu_masks_nhwc": transposed,
             "clip_grad_to_mask": clipped, "depthwise_grad_to_conv": depthwise, "conv_grad_to_conv": to_conv,
             "flipped_weight_bytes": flipped_bytes,
+            "activations_compressed": len(compressed),
+            "activation_elements_compressed_per_sample": compressed_bytes,
             "regularizer_nodes_placed_early": moved}

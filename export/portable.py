@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ExportError
-from .lean import LeanOptions, node_attrs, spatial_dims
+from .lean import LeanOptions, declared_spatial_dims, node_attrs, spatial_dims
 
 AXES_NCHW = [0, 2, 3]
 
@@ -220,7 +220,7 @@ def make_portable(training: onnx.ModelProto, forward: onnx.ModelProto, trainable
     model = onnx.ModelProto()
     model.CopyFrom(training)
     g = model.graph
-    spatial = spatial_dims(forward)
+    spatial = {**spatial_dims(forward), **declared_spatial_dims(g)}  # the latter: make_lean's decompressed tensors
     b = _Builder(g, options.portable_gradients)
     grads: dict[str, str] = {}
     for node in list(g.node):
