@@ -91,6 +91,15 @@ class RoundResult:
 
 
 @dataclass
+class RecoveryPoint:
+    """After the last round the world turns clean: single-frame clean error once the adapted
+    state has adapted on ``batches`` clean batches, and the warmed-up state's on the same batches."""
+    batches: int
+    clean_error: float
+    clean_error_fresh: float
+
+
+@dataclass
 class MethodResult:
     method: str                 # stored under this name: base method + variant tag
     base: str                   # the method that ran (edgetta, tent, ...)
@@ -104,6 +113,7 @@ class MethodResult:
     rounds: list[RoundResult] = field(default_factory=list)
     clean_error_start: float | None = None
     clean_error_start_batch_stats: float | None = None
+    recovery: list[RecoveryPoint] = field(default_factory=list)  # edgetta
     rss_loaded_mib: float | None = None
     peak_reset: bool = False
     torch_loaded: bool | None = None
@@ -244,6 +254,45 @@ def clean_subset(n: int, seed: int = 0, split: str = "test") -> Path:
     return path
 
 
+RECOVERY_AFTER = (1, 2, 3, 5, 10, 20)
+RECOVERY_OFFSET = 5000  # the permutation's images from here on: after every stream's, before the clean subset
+
+
+def recovery_subset(n: int, seed: int = 0, split: str = "test") -> Path:
+    """``n`` clean Fashion-MNIST ``split`` images for the recovery curve: positions RECOVERY_OFFSET
+    on of the seeded permutation whose head the streams corrupt and whose tail ``clean_subset``
+    takes, so they are in neither."""
+    from edgetta_export import datasets
+    path = CACHE / f"recovery_fashion_mnist_{split}_{n}_seed{seed}.npz"
+    if not path.exists():
+        images, labels = datasets.fashion_mnist(split)
+        idx = np.random.default_rng(seed).permutation(len(images))[RECOVERY_OFFSET:RECOVERY_OFFSET + n]
+        with atomic_write(path) as f:
+            np.savez(f, images=images[idx], labels=labels[idx].astype(np.int64), source_index=idx)
+    return path
+
+
+def recovery_curve(runner: "EdgettaRunner", frames: np.ndarray, clean_x: np.ndarray, clean_y: np.ndarray,
+                   batch: int, after: tuple[int, ...] = RECOVERY_AFTER) -> list[RecoveryPoint]:
+    """The world back to clean after the stream: the adapted state adapts on clean ``frames``, one
+    batch at a time, and after ``after`` batches predicts the clean images as a device predicts
+    single frames (running statistics); then the same from the warmed-up state (``reset``), the
+    reference. Leaves the adapter in the warmed-up state's curve's end."""
+    def curve() -> dict[int, float]:
+        errs = {}
+        for k in range(1, max(after) + 1):
+            runner.adapter.step(frames[(k - 1) * batch:k * batch])
+            if k in after:
+                errs[k] = float((_predict_all(runner.predict, clean_x, batch) != clean_y).mean())
+        return errs
+    if len(frames) < max(after) * batch:
+        raise ValueError(f"recovery needs {max(after) * batch} frames, got {len(frames)}")
+    adapted = curve()
+    runner.adapter.reset()
+    fresh = curve()
+    return [RecoveryPoint(k, adapted[k], fresh[k]) for k in after]
+
+
 def _predict_all(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(fn(images[i:i + batch])).argmax(1) for i in range(0, len(images), batch)])
 
@@ -305,6 +354,9 @@ def run_worker(a: argparse.Namespace) -> int:
             res.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
             if isinstance(runner, EdgettaRunner):  # the adapted state, for a look at what moved
                 runner.adapter.save(out.with_suffix(".state.npz"))
+                if a.recovery:
+                    with np.load(a.recovery, allow_pickle=False) as d:
+                        res.recovery = recovery_curve(runner, d["images"], clean_x, clean_y, a.batch)
         write_text_atomic(out, json.dumps(asdict(res), indent=1))
     return 0
 
@@ -400,6 +452,7 @@ class Job:
     clean_after: tuple[int, ...] = (1, 5, 10)
     lr: float | None = None
     anchor: float | None = None
+    recovery: Path | None = None  # clean frames for the recovery curve after the last round (edgetta)
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "benchmarks.longterm", "--worker", self.method, "--stream", str(self.stream),
@@ -407,7 +460,8 @@ class Job:
                "--tag", self.tag, "--rounds", str(self.rounds), "--batch", str(self.batch),
                "--threads", str(self.threads), "--seed", str(self.seed), "--clean", str(self.clean),
                "--clean-after", *map(str, self.clean_after)]
-        return cmd + [f"--{k}={v}" for k, v in (("lr", self.lr), ("anchor", self.anchor)) if v is not None]
+        return cmd + [f"--{k}={v}" for k, v in (("lr", self.lr), ("anchor", self.anchor), ("recovery", self.recovery))
+                      if v is not None]
 
 
 def run_jobs(jobs: list[Job], parallel: int, on_update: Callable[[Job, dict[str, Any]], None],
@@ -478,10 +532,20 @@ def collect(a: argparse.Namespace) -> int:
     return 0
 
 
+def run_bundle(rec: dict[str, Any]) -> Path | None:
+    """The cached bundle a run used, found by the sha256 of its manifest (the exporter's code
+    may have changed since, and a re-export would not match the saved state)."""
+    for manifest in sorted((CACHE / "bundles").glob("*/manifest.json")):
+        if hashlib.sha256(manifest.read_bytes()).hexdigest() == rec.get("bundle_sha256"):
+            return manifest.parent
+    return None
+
+
 def evaluate_saved(a: argparse.Namespace) -> int:
-    """For an edgetta run whose worker predates the batch-statistics clean error: load the
-    bundle and the state the worker saved after its last round, check that the clean error on
-    running statistics is the one recorded, and fill in the batch-statistics figures."""
+    """For an edgetta run whose worker predates the batch-statistics clean error or the recovery
+    curve: load the bundle and the state the worker saved after its last round, check that the
+    clean error on running statistics is the one recorded, and fill in the batch-statistics
+    figures and the recovery curve."""
     json_path = Path(a.out_dir) / json_name(a.generator)
     with np.load(clean_subset(a.clean_frames, a.seed), allow_pickle=False) as d:
         clean_x, clean_y = d["images"], d["labels"]
@@ -490,8 +554,8 @@ def evaluate_saved(a: argparse.Namespace) -> int:
         partial = _partial_dir(a.smoke, a.generator) / f"{m}{tag}.json"
         rec = json.loads(partial.read_text())
         last = rec["rounds"][-1]
-        runner = EdgettaRunner(bundles({(0.0 if m.endswith("_lam0") else a.lam, a.e0)}, a.checkpoint).popitem()[1],
-                               a.threads)
+        runner = EdgettaRunner(run_bundle(rec) or bundles({(0.0 if m.endswith("_lam0") else a.lam, a.e0)},
+                                                          a.checkpoint).popitem()[1], a.threads)
 
         def err(fn: Callable[[np.ndarray], np.ndarray]) -> float:
             return float((_predict_all(fn, clean_x, a.batch) != clean_y).mean())
@@ -502,9 +566,11 @@ def evaluate_saved(a: argparse.Namespace) -> int:
         if err(runner.predict) != last["clean_error"]:
             raise SystemExit(f"error: {m}: the saved state's clean error is not the recorded one; not filled in")
         last["clean_error_batch_stats"] = err(runner.predict_batch_stats)
-        rec.setdefault("notes", []).append(
-            f"batch-statistics clean errors filled in from the saved state by "
-            f"'python -m benchmarks.longterm --evaluate-saved --methods {m}'")
+        with np.load(recovery_subset(max(RECOVERY_AFTER) * a.batch, a.seed), allow_pickle=False) as d:
+            rec["recovery"] = [asdict(p) for p in recovery_curve(runner, d["images"], clean_x, clean_y, a.batch)]
+        note = (f"batch-statistics clean errors and the recovery curve filled in from the saved state by "
+                f"'python -m benchmarks.longterm --evaluate-saved{'' if a.generator == 'project' else ' --generator ' + a.generator} --methods {m}'")
+        rec["notes"] = [n for n in rec.get("notes", []) if not n.startswith("batch-statistics clean errors")] + [note]
         write_text_atomic(partial, json.dumps(rec, indent=1))
         merge(json_path, None, {rec["method"]: rec})
         log.info("%s: clean error on batch statistics %.4f -> %.4f", m, rec["clean_error_start_batch_stats"],
@@ -518,11 +584,15 @@ def run_driver(a: argparse.Namespace) -> int:
     json_path = out_dir / json_name(a.generator)
     stream = generator_stream(a.generator, a.frames_per_type, a.severity, a.seed)
     clean = clean_subset(a.clean_frames, a.seed)
-    with np.load(stream) as d, np.load(clean) as c:
+    recovery = recovery_subset(max(RECOVERY_AFTER) * a.batch, a.seed)
+    with np.load(stream) as d, np.load(clean) as c, np.load(recovery) as r:
         frames_per_round = int(d["labels"].shape[0])
         description = str(d["description"])
         if "source_index" in d.files and np.intersect1d(d["source_index"], c["source_index"]).size:
             raise SystemExit("error: the clean images overlap the stream")
+        if np.intersect1d(r["source_index"], c["source_index"]).size or (
+                "source_index" in d.files and np.intersect1d(d["source_index"], r["source_index"]).size):
+            raise SystemExit("error: the recovery frames overlap the stream or the clean images")
     tag = variant_tag(a)
     allowed = set(EDGETTA_METHODS) | ({"ecotta_torch"} if tag.startswith("+anchor") else set())
     if tag and set(a.methods) - allowed:
@@ -548,7 +618,8 @@ def run_driver(a: argparse.Namespace) -> int:
         keep = {**{k: config[k] for k in ("generator", "stream", "checkpoint")}, **keep}
     merge(json_path, keep or config, {})
     jobs = [Job(m, stream, clean, paths[setting[m]], checkpoint_path, partial_dir / f"{m}{tag}.json", tag,
-                a.rounds, a.batch, a.threads, a.seed, tuple(a.clean_after), a.lr, a.anchor) for m in a.methods]
+                a.rounds, a.batch, a.threads, a.seed, tuple(a.clean_after), a.lr, a.anchor,
+                recovery if m in EDGETTA_METHODS else None) for m in a.methods]
 
     def update(job: Job, record: dict[str, Any]) -> None:
         record["command"] = command  # the driver's: the command that reproduces this row
@@ -826,6 +897,7 @@ def markdown(data: dict[str, Any], fig_dir: str, generator: str = "project") -> 
             cells += [_pct(pts.get(0))] + [_pct(pts.get(r)) for r in after]
             cells.append(_pct(s["forgetting_batch_stats" if batch_stats else "forgetting"], True))
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    lines += recovery_lines(methods, order, cfg, top)
     lines += ["", f"{top}# Parameter distance and memory", "",
               "| method | distance, last round (relative) | peak RSS MiB (max) | peak spread r1-last | r2-last |",
               "|---|---:|---:|---:|---:|"]
@@ -849,7 +921,7 @@ def markdown(data: dict[str, Any], fig_dir: str, generator: str = "project") -> 
                      f"(target within 2: {ok(s['forgetting'] is not None and s['forgetting'] <= 0.02)})"
                      + ("" if fb is None else f", {100 * fb:+.2f} on batch statistics ({ok(fb <= 0.02)})")
                      + f"; peak RSS spread over rounds {s['peak_spread']:.1%} (target within 2%: "
-                       f"{ok(s['peak_spread'] <= 0.02)}).")
+                       f"{ok(s['peak_spread'] <= 0.02)})" + recovered_within(methods[m], 0.02) + ".")
     lines += diagnosis_lines(data.get("diagnosis"))
     commands = sorted({methods[m].get("command", cfg["command"]) for m in order})
     lines += ["", "Runs (each row is reproduced by the command that wrote it):", ""]
@@ -863,6 +935,42 @@ def markdown(data: dict[str, Any], fig_dir: str, generator: str = "project") -> 
               f"![clean error after each checkpointed round]({fig_dir}/{prefix}_clean.png)", "",
               f"![peak RSS and parameter distance per round]({fig_dir}/{prefix}_rss_distance.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def recovered_within(rec: dict[str, Any], points: float) -> str:
+    """The clause of the targets line on the recovery curve: after how many clean batches the
+    single-frame clean error is within ``points`` of the warmed-up state's on the same batches."""
+    curve = rec.get("recovery") or []
+    k = next((p["batches"] for p in curve if p["clean_error"] - p["clean_error_fresh"] <= points), None)
+    if not curve:
+        return ""
+    return (f"; back on clean frames, single frames are within {100 * points:g} points of the warmed-up "
+            f"model's after {k} batch{'es' if k != 1 else ''}" if k is not None else
+            f"; back on clean frames, single frames are not within {100 * points:g} points of the warmed-up "
+            f"model's after {curve[-1]['batches']} batches")
+
+
+def recovery_lines(methods: dict[str, Any], order: list[str], cfg: dict[str, Any], top: str) -> list[str]:
+    """The recovery table: the adapted state back on clean frames (edgetta's runs that have it)."""
+    have = [m for m in order if methods[m].get("recovery")]
+    if not have:
+        return []
+    after = [p["batches"] for p in methods[have[0]]["recovery"]]
+    out = ["", f"{top}# Back to clean: how fast single frames recover", "",
+           "After the last round the world turns clean. The adapted state goes on adapting, one batch of "
+           f"{cfg['batch']} clean test images at a time (images in neither the stream nor the {cfg['clean_frames']} "
+           "clean ones), and after k batches predicts the clean images as the device predicts single frames "
+           "(running statistics). Beside it, the warmed-up model adapting on the same batches: the reference. "
+           "Methods on batch statistics (BN adapt, TENT, CoTTA) need no such recovery; what they forgot is the "
+           "forgetting table's batch-statistics column.", "",
+           "Each cell: the adapted state's error (the warmed-up model's on the same batches), %.", "",
+           "| clean batches adapted on | " + " | ".join(label(m) for m in have) + " |",
+           "|---:|" + "---:|" * len(have)]
+    for i, k in enumerate(after):
+        cells = [f"{_pct(p['clean_error'])} ({_pct(p['clean_error_fresh'])})"
+                 for p in (methods[m]["recovery"][i] for m in have)]
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _by_checkpoint(methods: dict[str, Any], order: list[str]) -> list[tuple[str, list[str]]]:
@@ -955,6 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", help=argparse.SUPPRESS)
     p.add_argument("--partial", help=argparse.SUPPRESS)
     p.add_argument("--clean", help=argparse.SUPPRESS)
+    p.add_argument("--recovery", help=argparse.SUPPRESS)
     p.add_argument("--tag", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.argv = list(argv if argv is not None else sys.argv[1:])

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from benchmarks.longterm import checkpoint_label, default_checkpoint
+from benchmarks.longterm import RECOVERY_AFTER, checkpoint_label, default_checkpoint
 
 
 def test_longterm_smoke(tmp_path):
@@ -49,10 +49,45 @@ def test_longterm_smoke(tmp_path):
         assert abs(a["param_distance"] - b["param_distance"]) <= 1e-3 * b["param_distance"]
     # the regularizer changes the updates
     assert res["edgetta_lam0"]["rounds"][1]["param_distance"] != res["edgetta"]["rounds"][1]["param_distance"]
+    # edgetta's runs end with the recovery curve on clean frames, the others have none
+    for m, rec in res.items():
+        curve = rec["recovery"]
+        assert [p["batches"] for p in curve] == (list(RECOVERY_AFTER) if m.startswith("edgetta") else []), m
+        assert all(0.0 <= p["clean_error"] <= 1.0 and 0.0 <= p["clean_error_fresh"] <= 1.0 for p in curve)
     for name in ("longterm_error.png", "longterm_clean.png", "longterm_rss_distance.png", "longterm.md"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "longterm.md").read_text()
-    assert "| edgetta |" in md and "lambda=0" in md and "TENT" in md
+    assert "| edgetta |" in md and "lambda=0" in md and "TENT" in md and "Back to clean" in md
+
+
+def test_recovery_curve_is_the_device_adapting_on_clean_frames(tiny_bundle):
+    """The curve's points are what an Adapter predicts after adapting on the same clean batches:
+    from the adapted state, and (the reference) from the warmed-up state."""
+    import numpy as np
+    from benchmarks.longterm import EdgettaRunner, recovery_curve
+    from edgetta import Adapter
+    rng = np.random.default_rng(1)
+    stream = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    clean_x, clean_y = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 16)
+    runner = EdgettaRunner(tiny_bundle, threads=1)
+    for i in range(0, 48, 8):
+        runner.step(stream[i:i + 8])
+    curve = recovery_curve(runner, frames, clean_x, clean_y, batch=8, after=(1, 3))
+
+    def errors(start_adapted: bool) -> list[float]:
+        a = Adapter.load(tiny_bundle, threads=1)
+        for i in range(0, 48 if start_adapted else 0, 8):  # the same stream: the same adapted state
+            a.step(stream[i:i + 8])
+        out = []
+        for k in range(1, 4):
+            a.step(frames[(k - 1) * 8:k * 8])
+            if k in (1, 3):
+                out.append(float((a.step(clean_x, adapt=False).argmax(1) != clean_y).mean()))
+        return out
+    assert [p.batches for p in curve] == [1, 3]
+    assert [p.clean_error for p in curve] == errors(True)
+    assert [p.clean_error_fresh for p in curve] == errors(False)
 
 
 def _device_and_torch(tiny_ckpt, tiny_bundle, anchor, steps=3):
