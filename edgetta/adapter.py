@@ -17,8 +17,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from .bundle import Bundle
-from .engines import (ENGINES, PROVIDERS, Engine, inference_session, select_engine,
-                      session_options)
+from .engines import (ENGINES, PROVIDERS, Engine, SharedWeights, choose_engine, frozen_weights,
+                      has_blocked_layout, inference_session, resolve_provider, select_engine,
+                      session_options, weight_sharing)
 from .errors import StateError
 from .preprocess import preprocess
 from .system import atomic_write, pin_mmap_threshold
@@ -33,14 +34,17 @@ class Adapter:
     "ort-training" or "onnx". ``provider``: "cpu", "cuda" or "auto" (CUDA where available).
     ``threads``: onnxruntime's intra-op threads (None: onnxruntime's default, all cores).
     ``memory_arena`` and ``prepacking``: onnxruntime allocator settings, off by default
-    (docs/memory.md). ``lr`` and ``momentum`` override the bundle's. ``anchor`` (rho, off at 0):
+    (docs/memory.md). ``share_weights``: the inference session and the engine read one copy of
+    the frozen weights (None: where that costs no speed, i.e. on the CPU without onnxruntime's
+    x86-64 NCHWc layout; True on x86-64 turns that layout off: less memory, slower steps). ``lr`` and ``momentum`` override the bundle's. ``anchor`` (rho, off at 0):
     after every step the meta parameters are pulled back toward the warmed-up state,
     theta <- theta0 + (1 - rho) (theta - theta0), which stops their drift over long runs
     (docs/longterm.md); it costs no memory, theta0 is kept for ``reset`` anyway."""
 
     def __init__(self, bundle: Bundle, provider: str = "cpu", lr: float | None = None,
                  momentum: float | None = None, memory_arena: bool = False, engine: str = "auto",
-                 threads: int | None = None, prepacking: bool = False, anchor: float = 0.0):
+                 threads: int | None = None, prepacking: bool = False, anchor: float = 0.0,
+                 share_weights: bool | None = None):
         if not (np.isfinite(anchor) and 0 <= anchor < 1):
             raise ValueError(f"anchor must be in [0, 1), got {anchor}")
         if lr is not None and not (np.isfinite(lr) and 0 < lr <= 1):
@@ -50,8 +54,16 @@ class Adapter:
         self.bundle = bundle
         m = bundle.manifest
         pin_mmap_threshold()
-        opts = session_options(memory_arena, prepacking, threads)
-        self.runner: Engine = select_engine(engine, bundle, provider, lr, momentum, opts)
+        name = choose_engine(engine, bundle)
+        provider = resolve_provider(provider, name)
+        share = weight_sharing(share_weights, provider)
+        opts = session_options(memory_arena, prepacking, threads,
+                               blocked_layout=not (share and has_blocked_layout()))
+        # held here as well as by the engine: the inference session reads them too
+        self.shared: SharedWeights | None = frozen_weights(bundle, name) if share else None
+        if self.shared is not None:
+            self.shared.add_to(opts)
+        self.runner: Engine = select_engine(name, bundle, provider, lr, momentum, opts, self.shared)
         self.engine: str = self.runner.name
         self.provider: str = self.runner.provider
         self.threads = threads
@@ -71,11 +83,12 @@ class Adapter:
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike, engine: str = "auto", provider: str = "cpu",
              threads: int | None = None, memory_arena: bool = False, prepacking: bool = False,
-             lr: float | None = None, momentum: float | None = None, anchor: float = 0.0) -> "Adapter":
+             lr: float | None = None, momentum: float | None = None, anchor: float = 0.0,
+             share_weights: bool | None = None) -> "Adapter":
         """Open and verify a bundle (its manifest hash and every file's sha256), then load it."""
         return cls(Bundle.open(bundle_dir), provider=provider, lr=lr, momentum=momentum,
                    memory_arena=memory_arena, engine=engine, threads=threads, prepacking=prepacking,
-                   anchor=anchor)
+                   anchor=anchor, share_weights=share_weights)
 
     @property
     def class_names(self) -> list[str]:

@@ -10,13 +10,18 @@
 ``select_engine("auto", ...)`` takes onnxruntime-training where its API imports and the portable
 step otherwise. Both engines keep the trainable meta parameters and their velocity; running
 statistics of the meta BatchNorms are the caller's (``Adapter``).
+
+``frozen_weights`` reads the frozen weights that the inference graph and an engine's graph hold
+alike, once, for ``SessionOptions.add_initializer``: both sessions then read that one copy
+(``weight_sharing`` says where that saves memory; docs/memory.md has the measurements).
 """
 from __future__ import annotations
 
+import mmap
 import platform
 import sys
-from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -41,6 +46,7 @@ class Engine(Protocol):
     """Runs adaptation steps on a batch and owns the trainable parameters and their velocity."""
     name: str
     provider: str
+    shared: SharedWeights | None  # frozen weights its session reads in place, if any
 
     def step(self, x: np.ndarray) -> StepResult:
         """Loss, logits and batch statistics of ``x``; then one SGD-with-momentum update.
@@ -57,11 +63,16 @@ class Engine(Protocol):
 
 
 def session_options(memory_arena: bool = False, prepacking: bool = False,
-                    threads: int | None = None) -> Any:
+                    threads: int | None = None, blocked_layout: bool = True) -> Any:
     """onnxruntime session settings for adaptation (the defaults are edgetta's; why each one is
-    chosen is in docs/memory.md)."""
+    chosen is in docs/memory.md). ``blocked_layout=False`` stops onnxruntime's x86-64 NCHWc
+    layout (graph optimization level "extended" instead of "all")."""
     ort = onnxruntime()
     opts = ort.SessionOptions()
+    if not blocked_layout:
+        # the NCHWc layout reads every convolution's weights from a reordered copy that each
+        # session makes for itself, so shared weights would be held once more, not once
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     # priority-based order runs each gradient node as soon as it can, freeing forward tensors
     # earlier than the default order
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
@@ -157,6 +168,201 @@ def choose_engine(engine: str, bundle: Bundle) -> str:
     return engine
 
 
+def has_blocked_layout() -> bool:
+    """Whether onnxruntime runs convolutions here in its NCHWc layout (x86-64 only), on a
+    reordered copy of their weights per session."""
+    return _is_x86()
+
+
+def weight_sharing(requested: bool | None, provider: str) -> bool:
+    """Whether an adapter holds the frozen weights once for both of its sessions. ``None``
+    (auto): on the CPU where onnxruntime has no NCHWc layout (ARM, for one), where it saves a
+    copy without changing a kernel. ``True`` elsewhere on the CPU too: on x86-64 the sessions
+    then run without the NCHWc layout, less memory for slower steps (docs/memory.md)."""
+    if requested is None:
+        return provider == "cpu" and not has_blocked_layout()
+    if requested and provider != "cpu":
+        raise ValueError(f"shared weights are for the CPU provider; {provider} sessions hold "
+                         "their weights in device memory")
+    return bool(requested)
+
+
+@dataclass(frozen=True, eq=False)
+class SharedWeights:
+    """Frozen weights held once for several sessions. ``add_to`` hands them to a session's
+    options; onnxruntime then reads these very arrays instead of loading its own copy, so they
+    must outlive every session made with those options: each holder keeps a reference."""
+    arrays: Mapping[str, np.ndarray]
+    _values: tuple[Any, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> "SharedWeights":
+        ort = onnxruntime()
+        for a in arrays.values():
+            a.flags.writeable = False  # the sessions read them: nothing may change them
+        return cls(dict(arrays), tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def add_to(self, opts: Any) -> None:
+        for name, value in zip(self.arrays, self._values):
+            opts.add_initializer(name, value)
+
+
+def frozen_weights(bundle: Bundle, engine: str) -> SharedWeights:
+    """The float32 initializers that the inference graph and ``engine``'s graph both hold,
+    stored byte for byte alike (the frozen backbone; graph inputs are left out), decoded once
+    from the inference graph. Read with a small protobuf reader: the device has no onnx package."""
+    g = bundle.manifest.graphs
+    other = g.training.file if engine == "ort-training" else g.portable_step.file if g.portable_step else None
+    if other is None:
+        raise BundleError(f"{bundle.path}: no graph for engine {engine}")
+    try:
+        with _OnnxFile(bundle.file(g.inference.file)) as inf, _OnnxFile(bundle.file(other)) as step:
+            overridable = inf.inputs | step.inputs
+            arrays = {}
+            for name, span in inf.initializers.items():
+                if name in overridable or step.initializers.get(name) is None:
+                    continue
+                if inf.raw(span) == step.raw(step.initializers[name]):
+                    value = inf.decode(span)
+                    if value is not None:
+                        arrays[name] = value
+    except (ValueError, IndexError, KeyError, StopIteration) as e:
+        raise BundleError(f"{bundle.path}: cannot read the frozen weights: {e}") from None
+    return SharedWeights.of(arrays)
+
+
+# ONNX protobuf field numbers (onnx.proto) of what frozen_weights reads
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_SPARSE = 7, 5, 11, 15
+_T_DIMS, _T_TYPE, _T_FLOATS, _T_INT64S, _T_NAME, _T_RAW, _T_EXTERNAL = 1, 2, 4, 7, 8, 9, 14
+_SPARSE_VALUES, _SPARSE_INDICES, _SPARSE_DIMS = 1, 2, 3
+_FLOAT32, _INT64 = 1, 7
+
+
+class _OnnxFile:
+    """An ONNX model file mapped read-only: where each initializer's message lies, the graph's
+    input names, and decoding of float32 tensors (dense or sparse)."""
+
+    def __init__(self, path: Any):
+        self._file = open(path, "rb")
+        self._buf = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.initializers: dict[str, tuple[bool, int, int]] = {}  # name: (sparse, start, end)
+        self.inputs: set[str] = set()
+        graph = next((v for f, _, v in self._fields(0, len(self._buf)) if f == _MODEL_GRAPH), None)
+        if graph is None:
+            raise ValueError(f"{path} holds no graph")
+        for f, _, (start, end) in ((f, w, v) for f, w, v in self._fields(*graph) if w == 2):
+            if f == _GRAPH_INPUT:
+                self.inputs.add(self._name(start, end, 1))
+            elif f == _GRAPH_INITIALIZER:
+                self.initializers[self._name(start, end, _T_NAME)] = (False, start, end)
+            elif f == _GRAPH_SPARSE:
+                values = next(v for g, w, v in self._fields(start, end) if g == _SPARSE_VALUES)
+                self.initializers[self._name(*values, _T_NAME)] = (True, start, end)
+
+    def __enter__(self) -> "_OnnxFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._buf.close()
+        self._file.close()
+
+    def raw(self, span: tuple[bool, int, int]) -> bytes:
+        return self._buf[span[1]:span[2]]
+
+    def decode(self, span: tuple[bool, int, int]) -> np.ndarray | None:
+        """The tensor as a dense float32 array; None for another type or external data."""
+        sparse, start, end = span
+        if not sparse:
+            return self._tensor(start, end, _FLOAT32)
+        parts = {f: v for f, w, v in self._fields(start, end) if w == 2}
+        dims = self._ints(_SPARSE_DIMS, start, end)
+        values = self._tensor(*parts[_SPARSE_VALUES], _FLOAT32)
+        indices = self._tensor(*parts[_SPARSE_INDICES], _INT64)
+        if values is None or indices is None:
+            return None
+        dense = np.zeros(int(np.prod(dims)), np.float32)
+        flat = np.ravel_multi_index(tuple(indices.reshape(len(values.ravel()), -1).T), dims) \
+            if indices.ndim == 2 else indices
+        dense[flat] = values.ravel()
+        return dense.reshape(dims)
+
+    def _tensor(self, start: int, end: int, dtype: int) -> np.ndarray | None:
+        fields = list(self._fields(start, end))
+        if any(f == _T_EXTERNAL and v == 1 for f, w, v in fields) or \
+                next((v for f, w, v in fields if f == _T_TYPE), 0) != dtype:
+            return None
+        kind = np.dtype("<f4" if dtype == _FLOAT32 else "<i8")  # ONNX stores little-endian
+        dims = self._ints(_T_DIMS, start, end)
+        data = next((v for f, w, v in fields if f == _T_RAW), None)
+        if data is None and dtype == _FLOAT32:
+            data = next((v for f, w, v in fields if f == _T_FLOATS and w == 2), None)
+        if data is not None:
+            count = (data[1] - data[0]) // kind.itemsize
+            array = np.frombuffer(self._buf, kind, count, data[0]).copy()
+        elif dtype == _INT64:
+            array = np.array(self._ints(_T_INT64S, start, end), np.int64)
+        else:
+            array = np.zeros(0, kind)
+        if array.size != int(np.prod(dims)):
+            raise ValueError(f"tensor of {array.size} values for shape {dims}")
+        return array.reshape(dims)
+
+    def _name(self, start: int, end: int, field_number: int) -> str:
+        s, e = next(v for f, w, v in self._fields(start, end) if f == field_number and w == 2)
+        return self._buf[s:e].decode()
+
+    def _ints(self, field_number: int, start: int, end: int) -> list[int]:
+        """A repeated integer field, packed or not."""
+        out: list[int] = []
+        for f, w, v in self._fields(start, end):
+            if f != field_number:
+                continue
+            if w == 0:
+                out.append(v)
+                continue
+            i = v[0]
+            while i < v[1]:
+                n, i = self._varint(i)
+                out.append(n)
+        return out
+
+    def _varint(self, i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = self._buf[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value, i
+
+    def _fields(self, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
+        """(field number, wire type, value): an int for varints, (start, end) for the bytes of
+        a length-delimited field, None for fixed-size ones."""
+        i = start
+        while i < end:
+            key, i = self._varint(i)
+            wire = key & 7
+            if wire == 0:
+                value, i = self._varint(i)
+                yield key >> 3, wire, value
+            elif wire == 2:
+                n, i = self._varint(i)
+                yield key >> 3, wire, (i, i + n)
+                i += n
+            elif wire in (1, 5):
+                yield key >> 3, wire, None
+                i += 8 if wire == 1 else 4
+            else:
+                raise ValueError(f"unexpected protobuf wire type {wire}")
+        if i != end:
+            raise ValueError("truncated protobuf message")
+
+
 class _Parameters:
     """The trainable parameters and momentum buffers an engine keeps between steps."""
     _trainable: list[str]
@@ -178,10 +384,12 @@ class OrtTrainingEngine(_Parameters):
     """onnxruntime-training's Module computes loss and gradients; the update is applied here."""
     name = "ort-training"
 
-    def __init__(self, bundle: Bundle, opts: Any, provider: str, lr: float, momentum: float):
+    def __init__(self, bundle: Bundle, opts: Any, provider: str, lr: float, momentum: float,
+                 shared: SharedWeights | None = None):
         api = training_api()
         m = bundle.manifest
         self.provider, self.lr, self.momentum = provider, lr, momentum
+        self.shared = shared  # read in place by the session: kept as long as the engine
         self._trainable = list(m.trainable)
         self._state = api.CheckpointState.load_checkpoint(str(bundle.file(m.graphs.training.checkpoint)))
         self._module = api.Module(str(bundle.file(m.graphs.training.file)), self._state,
@@ -241,9 +449,11 @@ class PortableEngine(_Parameters):
     """The bundle's portable step graph: forward, backward and update in one onnxruntime run."""
     name = "onnx"
 
-    def __init__(self, bundle: Bundle, opts: Any, provider: str, lr: float, momentum: float):
+    def __init__(self, bundle: Bundle, opts: Any, provider: str, lr: float, momentum: float,
+                 shared: SharedWeights | None = None):
         m = bundle.manifest
         self.provider = provider
+        self.shared = shared  # read in place by the session: kept as long as the engine
         self._trainable = list(m.trainable)
         step = m.graphs.portable_step
         assert step is not None  # choose_engine checked it
@@ -281,9 +491,11 @@ def _result(outs: dict[str, np.ndarray]) -> StepResult:
 
 
 def select_engine(engine: str, bundle: Bundle, provider: str = "cpu", lr: float | None = None,
-                  momentum: float | None = None, opts: Any = None) -> Engine:
+                  momentum: float | None = None, opts: Any = None,
+                  shared: SharedWeights | None = None) -> Engine:
     """Load the engine ``engine`` ("auto", "ort-training" or "onnx") stands for, on
-    ``provider`` ("cpu", "cuda" or "auto")."""
+    ``provider`` ("cpu", "cuda" or "auto"). ``shared``: weights already added to ``opts``
+    (``SharedWeights.add_to``), which the engine keeps alive."""
     name = choose_engine(engine, bundle)
     provider = resolve_provider(provider, name)
     hyper = bundle.manifest.adaptation
@@ -292,7 +504,7 @@ def select_engine(engine: str, bundle: Bundle, provider: str = "cpu", lr: float 
     opts = session_options() if opts is None else opts
     cls = OrtTrainingEngine if name == "ort-training" else PortableEngine
     try:
-        return cls(bundle, opts, provider, lr, momentum)
+        return cls(bundle, opts, provider, lr, momentum, shared)
     except (BundleError, EngineUnavailable):
         raise
     except Exception as e:  # onnxruntime raises its own types; say which bundle failed
