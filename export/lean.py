@@ -269,7 +269,7 @@ _LEVELS = 254.99  # see compress_activation
 @dataclass(frozen=True)
 class CompressedActivation:
     """The tensors that stand for a compressed forward tensor ``source`` in the backward pass:
-    ``data`` (N, C*H*W) uint8, ``step`` and ``minimum`` (N, C, 1, 1) float."""
+    ``data`` (N, C*H*W) uint8, ``step`` (N*C,) and ``minimum`` (N*C, 1) float, one per group."""
     source: str
     data: str
     step: str
@@ -295,21 +295,24 @@ def compress_activation(x: str, sample_shape: list[int], const: _Constants, seed
     p = x + ".q8"
     c = CompressedActivation(x, p + ".bytes", p + ".step", p + ".min")
     nodes = [
-        n("ReduceMin", [x], c.minimum, axes=[2, 3], keepdims=1),
-        n("ReduceMax", [x], p + ".max", axes=[2, 3], keepdims=1),
-        n("Sub", [p + ".max", c.minimum], p + ".range"),
+        n("ReduceMin", [x], p + ".lo", axes=[2, 3], keepdims=1),
+        n("ReduceMax", [x], p + ".hi", axes=[2, 3], keepdims=1),
+        n("Sub", [p + ".hi", p + ".lo"], p + ".range"),
         n("Max", [p + ".range", const(_MIN_RANGE, np.float32)], p + ".range_safe"),
-        n("Div", [p + ".range_safe", const(_LEVELS, np.float32)], c.step),
+        n("Div", [p + ".range_safe", const(_LEVELS, np.float32)], p + ".step4"),
         n("RandomUniform", [], p + ".noise", dtype=TensorProto.FLOAT, low=0.0, high=1.0, seed=float(seed),
           shape=[1, *sample_shape]),
-        n("Sub", [x, c.minimum], p + ".shifted"),
-        n("Div", [p + ".shifted", c.step], p + ".levels"),
+        n("Sub", [x, p + ".lo"], p + ".shifted"),
+        n("Div", [p + ".shifted", p + ".step4"], p + ".levels"),
         n("Add", [p + ".levels", p + ".noise"], p + ".dithered"),
         n("Floor", [p + ".dithered"], p + ".floor"),
         n("Cast", [p + ".floor"], p + ".u8", to=TensorProto.UINT8),
-        # kept flat: the backward's Reshape back to (N, C, H, W) is then a real reshape that
-        # reads the gradient (see decompress_activation)
+        # kept flat: the backward's Reshape of it is then a real reshape that reads the
+        # gradient (see decompress_activation)
         n("Reshape", [p + ".u8", const([0, -1], np.int64)], c.data),
+        # per group, as DequantizeLinear (per axis) and the Add after it read them
+        n("Reshape", [p + ".step4", const([-1], np.int64)], c.step),
+        n("Reshape", [p + ".lo", const([-1, 1], np.int64)], c.minimum),
     ]
     return nodes, c
 
@@ -317,17 +320,18 @@ def compress_activation(x: str, sample_shape: list[int], const: _Constants, seed
 def decompress_activation(c: CompressedActivation, sample_shape: list[int], like: str, out: str,
                           const: _Constants) -> list[onnx.NodeProto]:
     """``q * step + min`` shaped (N, *sample_shape): within one ``step`` of the original per
-    element. Its first node reads the batch size of ``like``, the gradient of the node that
-    will read ``out``: onnxruntime runs a node as soon as its inputs exist, so a decompression
-    that read only the stored bytes would run in the forward pass and hold the float copy
-    through the backward pass (as the mask unpacking, ``_unpack_mask``). A dependency on the
-    gradient's shape alone does not hold: onnxruntime's optimizer infers the Reshape's output
-    shape (batch, *sample_shape), sees a single unknown dimension, and replaces the target by
-    the constant (-1, *sample_shape), whatever computed it (seen in its optimized graph: every
-    decompression ran in the forward pass). So the batch size is ``max(Shape(like)[0],
-    isnan(like[0]))``, which equals ``Shape(like)[0]`` but reads one value of the gradient,
-    which no optimizer can know in advance."""
+    element (``DequantizeLinear`` per group, then the minimum added: two passes over the
+    tensor). Its first node reads ``like``, the gradient of the node that will read ``out``:
+    onnxruntime runs a node as soon as its inputs exist, so a decompression that read only
+    the stored bytes would run in the forward pass and hold the float copy through the
+    backward pass (as the mask unpacking, ``_unpack_mask``). A dependency on the gradient's
+    shape alone does not hold: onnxruntime's optimizer infers the Reshape's output shape, sees
+    a single unknown dimension, and replaces the target by a constant with -1 there, whatever
+    computed it (seen in its optimized graph: every decompression ran in the forward pass). So
+    the batch size is ``max(Shape(like)[0], isnan(like[0]))``, which equals ``Shape(like)[0]``
+    but reads one value of the gradient, which no optimizer can know in advance."""
     n = lambda op, ins, o, **kw: helper.make_node(op, ins, [o], name=o + "_node", **kw)
+    channels, rest = sample_shape[0], int(np.prod(sample_shape[1:]))
     return [
         n("Shape", [like], out + ".batch_dim", start=0, end=1),
         n("Reshape", [like, const([-1], np.int64)], out + ".grad_flat"),
@@ -335,11 +339,12 @@ def decompress_activation(c: CompressedActivation, sample_shape: list[int], like
         n("IsNaN", [out + ".grad_first"], out + ".grad_nan"),
         n("Cast", [out + ".grad_nan"], out + ".grad_dep", to=TensorProto.INT64),
         n("Max", [out + ".batch_dim", out + ".grad_dep"], out + ".batch"),
-        n("Concat", [out + ".batch", const(sample_shape, np.int64)], out + ".shape", axis=0),
-        n("Reshape", [c.data, out + ".shape"], out + ".u8"),
-        n("Cast", [out + ".u8"], out + ".levels", to=TensorProto.FLOAT),
-        n("Mul", [out + ".levels", c.step], out + ".scaled"),
-        n("Add", [out + ".scaled", c.minimum], out),
+        n("Mul", [out + ".batch", const([channels], np.int64)], out + ".groups"),
+        n("Concat", [out + ".groups", const([rest], np.int64)], out + ".shape", axis=0),
+        n("Reshape", [c.data, out + ".shape"], out + ".u8"),  # (N*C, H*W)
+        n("DequantizeLinear", [out + ".u8", c.step], out + ".scaled", axis=0),
+        n("Add", [out + ".scaled", c.minimum], out + ".rows"),
+        n("Reshape", [out + ".rows", const([-1, *sample_shape], np.int64)], out),
     ]
 
 

@@ -6,6 +6,7 @@ The tiny model is exported with e0 = 10 (above any entropy): with its untrained 
 sample's entropy is above the default threshold, the entropy term would be zero and the
 compressed tensors would meet a zero gradient."""
 import json
+import re
 
 import numpy as np
 import onnx
@@ -49,7 +50,12 @@ def _meta_networks(bundle) -> int:
 
 def _sources(graph: onnx.GraphProto) -> set[str]:
     """The forward tensors the graph compresses (the inputs of its quantizing nodes)."""
-    return {n.input[0] for n in graph.node if n.name.endswith(".q8.min_node")}
+    return {n.input[0] for n in graph.node if n.name.endswith(".q8.lo_node")}
+
+
+def _restored(graph: onnx.GraphProto) -> list[str]:
+    """The decompressed tensors the backward pass reads (``<source>.q8.restored<node>``)."""
+    return [n.output[0] for n in graph.node if re.search(r"\.q8\.restored\d+$", n.output[0])]
 
 
 def _ancestors(graph: onnx.GraphProto, name: str) -> set[str]:
@@ -77,7 +83,8 @@ def test_only_with_the_lean_graph_and_eight_bits(tiny_ckpt, tmp_path):
 def test_graphs_quantize_and_decompress_where_the_gradient_reads(pair, engine):
     """Each meta network's BatchNorm inputs and conv input (but the network's own input, which
     the caller holds) are quantized in the forward pass: stochastic rounding by standard ops
-    (RandomUniform, Floor, Cast to uint8); every decompression reads the gradient it serves."""
+    (RandomUniform, Floor, Cast to uint8), decompressed by DequantizeLinear; every
+    decompression reads the gradient it serves."""
     g = onnx.load(str(pair["q8"] / GRAPHS[engine])).graph
     sources = _sources(g)
     k = _meta_networks(pair["q8"])
@@ -90,9 +97,9 @@ def test_graphs_quantize_and_decompress_where_the_gradient_reads(pair, engine):
         assert ops[x + ".q8.floor"].op_type == "Floor"
         u8 = ops[x + ".q8.u8"]
         assert u8.op_type == "Cast" and u8.attribute[0].i == onnx.TensorProto.UINT8
-    restored = [n.output[0] for n in g.node if n.op_type == "Add" and ".q8.restored" in n.output[0]
-                and not n.output[0].endswith((".scaled",))]
+    restored = _restored(g)
     assert len(restored) >= len(sources)
+    assert all(ops[r + ".scaled"].op_type == "DequantizeLinear" for r in restored)
     for r in restored:  # what the decompression's own nodes read
         own = [n for n in g.node if n.output[0] == r or n.output[0].startswith(r + ".")]
         reads = {x for n in own for x in n.input} - {o for n in own for o in n.output}
@@ -112,6 +119,28 @@ def test_graphs_quantize_and_decompress_where_the_gradient_reads(pair, engine):
         assert len(bn_grads) == 4 * k and 0 < len([n for n in bn_grads if n.name in main]) < len(bn_grads)
         for n in bn_grads:
             assert (".q8.restored" in n.input[1]) == (n.name in main), n.output[1]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_decompression_waits_for_the_gradient_in_onnxruntimes_optimized_graph(pair, engine, tmp_path):
+    """What onnxruntime runs, not only what the bundle says: in the session's optimized graph
+    every decompression still reads its gradient. (With the batch size taken from the
+    gradient's shape alone, the optimizer made each Reshape's target a constant and every
+    decompression ran in the forward pass, holding its float copy: this fails then.)"""
+    from edgetta.engines import session_options
+    opts = session_options()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    select_engine(engine, Bundle.open(pair["q8"]), opts=opts)
+    g = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
+    restored = _restored(g)
+    assert restored
+    consts = {t.name for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output if o}
+    for r in restored:
+        target = producer[r + ".u8"].input[1]  # the Reshape of the stored bytes
+        assert target not in consts, f"{r}: the optimizer made its shape a constant"
+        up = _ancestors(g, target)
+        assert any(t.endswith("_grad") for t in up), f"{r} no longer waits for a gradient"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -169,13 +198,13 @@ def test_decompressed_values_within_one_step_and_unbiased(pair, frames):
     a tenth of the mean step) and are not all zero."""
     path = pair["q8"] / GRAPHS["onnx"]
     g = onnx.load(str(path)).graph
-    restored = [n.output[0] for n in g.node if n.op_type == "Add" and ".q8.restored" in n.output[0]
-                and not n.output[0].endswith(".scaled")]
-    pairs = [(r, r.split(".q8.restored")[0]) for r in restored]
+    pairs = [(r, r.split(".q8.restored")[0]) for r in _restored(g)]
+    assert pairs
     names = [t for r, s in pairs for t in (r, s, s + ".q8.step")]
     out = _probe(path, _portable_feeds(pair["q8"], frames), names)
     for r, s in pairs:
-        err, step = out[r] - out[s], out[s + ".q8.step"]
+        err = out[r] - out[s]
+        step = out[s + ".q8.step"].reshape(*err.shape[:2], 1, 1)  # one per (sample, channel)
         assert err.shape == out[s].shape
         assert np.all(np.abs(err) <= step * (1 + 1e-5) + 1e-6 * np.abs(out[s])), r
         assert np.abs(err).max() > 0.05 * step.max(), f"{r}: not quantized"
@@ -207,7 +236,7 @@ def test_gradients_within_the_quantization_bound(pair, frames, engine):
     probe = _probe(pair["q8"] / GRAPHS["onnx"], _portable_feeds(pair["q8"], frames), names)
     for n in last:
         dy, inv = probe[n.input[0]], probe[n.input[4]]
-        step = probe[n.input[1].split(".q8.restored")[0] + ".q8.step"][:, :, 0, 0]
+        step = probe[n.input[1].split(".q8.restored")[0] + ".q8.step"].reshape(dy.shape[:2])
         bound = inv * (step * np.abs(dy).sum(axis=(2, 3))).sum(axis=0)
         weight = n.output[1].rsplit("_grad", 1)[0]
         diff = np.abs(g_on[weight] - g_off[weight])
