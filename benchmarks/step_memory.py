@@ -3,17 +3,20 @@ lean rewrite, and the lean rewrite with the meta networks' kept inputs compresse
 (``LeanOptions(activation_bits=8)``), same model, same batches, measured side by side in one run.
 
     python -m benchmarks.step_memory --batches 16 64 --repeats 5
-    python -m benchmarks.step_memory --model wrn28_10 --graphs lean compressed --batches 64 --repeats 1
+    python -m benchmarks.step_memory --models default wrn28_10 --graphs lean compressed \
+        --engines ort-training onnx --batches 64 --repeats 1
 
 Each measurement is a fresh torch-free process (``edgetta.profile.measure_step``, two steps) on
-the engine ``--engine`` names; the static figures come from the graph's liveness
-(``edgetta.profile.analyse``) for that engine. ``--model`` measures an untrained ERK-80% zoo model
-instead of a checkpoint (memory does not depend on the weights' values).
+each engine of ``--engines``; the static figures come from the graph's liveness
+(``edgetta.profile.analyse``) for that engine. A model other than ``default`` (``--checkpoint``)
+is an untrained ERK-80% zoo model (memory does not depend on the weights' values).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from edgetta_export.lean import LeanOptions
 
 # graph name -> export options
 GRAPHS = {"generated": dict(lean=False),
-          "lean": dict(lean=True),
+          "lean": dict(lean=True, lean_options=LeanOptions(activation_bits=None)),
           "compressed": dict(lean=True, lean_options=LeanOptions(activation_bits=8))}
 
 
@@ -36,27 +39,44 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step_memory", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--model", default=None, help="an untrained zoo model instead of --checkpoint (e.g. wrn28_10)")
+    p.add_argument("--models", nargs="+", default=["default"],
+                   help="'default' (--checkpoint) or untrained zoo models (e.g. wrn28_10, resnet50)")
     p.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS))
-    p.add_argument("--engine", choices=["ort-training", "onnx"], default="ort-training")
+    p.add_argument("--engines", nargs="+", choices=["ort-training", "onnx"], default=["ort-training"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per point (median kept)")
     p.add_argument("--out", default=str(RESULTS / "step_memory.json"))
     a = p.parse_args(argv)
-    ckpt = untrained_checkpoint(a.model) if a.model else checkpoint.load(a.checkpoint)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        bundles = {}
-        for graph in a.graphs:
-            bundles[graph] = Path(tmp) / graph
-            export_bundle(ckpt, bundles[graph], profile=False, **GRAPHS[graph])
-        for batch in a.batches:
+    for model in a.models:
+        ckpt = checkpoint.load(a.checkpoint) if model == "default" else untrained_checkpoint(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            bundles = {}
+            for graph in a.graphs:
+                bundles[graph] = Path(tmp) / graph
+                export_bundle(ckpt, bundles[graph], profile=False, portable="onnx" in a.engines, **GRAPHS[graph])
+            rows += measure(model, bundles, a)
+    write_text_atomic(a.out, json.dumps({"checkpoint": a.checkpoint, "command": "python -m benchmarks.step_memory "
+                                         + " ".join(argv if argv is not None else sys.argv[1:]),
+                                         "load_average": os.getloadavg(), "rows": rows}, indent=2))
+    print(f"{'model':>9s} {'engine':>12s} {'batch':>5s} {'graph':>10s} {'static MiB':>11s} {'measured MiB':>13s} "
+          f"{'peak RSS':>9s} {'step ms':>8s}")
+    for r in rows:
+        print(f"{r['model']:>9s} {r['engine']:>12s} {r['batch']:5d} {r['graph']:>10s} {r['static_step_mib']:11.1f} "
+              f"{r['measured_step_growth_mib']:13.1f} {r['measured_peak_rss_mib']:9.1f} {r['step_ms']:8.1f}")
+    return 0
+
+
+def measure(model: str, bundles: dict[str, Path], a: argparse.Namespace) -> list[dict]:
+    rows = []
+    for batch in a.batches:
+        for engine in a.engines:
             for graph, path in bundles.items():
-                static = analyse(Bundle.open(path), get_target("x86-64"), batch, engine=a.engine)
-                runs = sorted((measure_step(path, batch, engine=a.engine) for _ in range(a.repeats)),
+                static = analyse(Bundle.open(path), get_target("x86-64"), batch, engine=engine)
+                runs = sorted((measure_step(path, batch, engine=engine) for _ in range(a.repeats)),
                               key=lambda m: m["step_peak"])
                 m = runs[len(runs) // 2]
-                row = {"graph": graph, "engine": a.engine, "batch": batch,
+                row = {"model": model, "graph": graph, "engine": engine, "batch": batch,
                        "static_activations_mib": round(static["adaptation"]["activations_kept"] / MIB, 1),
                        "static_step_mib": round((static["adaptation"]["activations_kept"]
                                                  + static["adaptation"]["workspace"]) / MIB, 1),
@@ -65,12 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                        "step_ms": round(sorted(r["step_ms"] for r in runs)[len(runs) // 2], 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    write_text_atomic(a.out, json.dumps({"checkpoint": a.model or a.checkpoint, "rows": rows}, indent=2))
-    print(f"{'batch':>5s} {'graph':>10s} {'static MiB':>11s} {'measured MiB':>13s} {'peak RSS':>9s} {'step ms':>8s}")
-    for r in rows:
-        print(f"{r['batch']:5d} {r['graph']:>10s} {r['static_step_mib']:11.1f} {r['measured_step_growth_mib']:13.1f} "
-              f"{r['measured_peak_rss_mib']:9.1f} {r['step_ms']:8.1f}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

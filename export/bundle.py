@@ -307,8 +307,6 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
     import onnxruntime
     from onnxruntime.training import artifacts
 
-    if lean_options.activation_bits is not None and not lean:
-        raise ExportError("compressed activations (activation_bits) are a rewrite of the lean graph: export with lean=True")
     onnxruntime.set_default_logger_severity(3)
 
     model = build_model(ckpt)
@@ -438,6 +436,9 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
                              "outputs": ["loss", "logits", *stat_outputs]},
             },
             "training_graph": {"lean": lean, "rewrites": rewrites,
+                               # kept meta-network inputs stored as integers of this many bits
+                               # (lean.compress_activation; None: float32)
+                               "activation_bits": lean_options.activation_bits if lean else None,
                                "note": "stop-gradient twins of the meta networks merged into the main "
                                        "branch; frozen convs' input gradients via ConvTranspose(dY, W); "
                                        "ReLU gradients from masks packed 8 signs to a byte (frozen convs' outputs in NHWC order, "

@@ -337,7 +337,8 @@ def decompress_activation(c: CompressedActivation, sample_shape: list[int], like
         n("Reshape", [like, const([-1], np.int64)], out + ".grad_flat"),
         n("Slice", [out + ".grad_flat", const([0], np.int64), const([1], np.int64)], out + ".grad_first"),
         n("IsNaN", [out + ".grad_first"], out + ".grad_nan"),
-        n("Cast", [out + ".grad_nan"], out + ".grad_dep", to=TensorProto.INT64),
+        # 1 or 0 as int64 (Where, not a Cast to int64: that is the stop-gradient's pattern)
+        n("Where", [out + ".grad_nan", const([1], np.int64), const([0], np.int64)], out + ".grad_dep"),
         n("Max", [out + ".batch_dim", out + ".grad_dep"], out + ".batch"),
         n("Mul", [out + ".batch", const([channels], np.int64)], out + ".groups"),
         n("Concat", [out + ".groups", const([rest], np.int64)], out + ".shape", axis=0),
@@ -502,8 +503,10 @@ def clip_gradient_masks(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
 
 @dataclass(frozen=True)
 class LeanOptions:
-    """The speed rewrites of the lean graph and the portable step, on by default; off reproduces
-    the graphs before them (for measuring against them: benchmarks/step_profile.py)."""
+    """The speed and memory rewrites of the lean graph and the portable step, on by default; off
+    reproduces the graphs before them (for measuring against them: benchmarks/step_profile.py,
+    benchmarks/step_memory.py). Without the lean graph (``export_bundle(lean=False)``) none
+    applies."""
     # frozen convs' input gradients at stride 1 as a Conv of dY with flipped, channel-swapped
     # kernels (an export-time copy of the weights) instead of ConvTranspose; off, only
     # depthwise ones at stride 1 are (as before)
@@ -517,8 +520,9 @@ class LeanOptions:
     # the meta networks' kept inputs (what the backward pass's BatchNorm and conv weight
     # gradients read) stored as integers of this many bits per (sample, channel) with stochastic
     # rounding, decompressed where the gradient reads them (``compress_activation``); None keeps
-    # them float32. Only 8 is implemented.
-    activation_bits: int | None = None
+    # them float32 (exact gradients: compare against torch with it off). Only 8 is implemented.
+    # On by default: accuracy unchanged within 0.3 points (docs/compressed_activations.md).
+    activation_bits: int | None = 8
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (None, 8):

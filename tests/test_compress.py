@@ -18,7 +18,6 @@ from edgetta.ort import onnxruntime
 from edgetta.profile import analyse, bundle_facts
 from edgetta.targets import get_target
 from edgetta_export.bundle import export_bundle
-from edgetta_export.errors import ExportError
 from edgetta_export.lean import LeanOptions
 
 ENGINES = ("ort-training", "onnx")
@@ -71,12 +70,14 @@ def _ancestors(graph: onnx.GraphProto, name: str) -> set[str]:
     return seen
 
 
-def test_only_with_the_lean_graph_and_eight_bits(tiny_ckpt, tmp_path):
+def test_on_by_default_eight_bits_only_and_a_lean_graph_rewrite(tiny_bundle, tiny_ckpt, tmp_path):
+    assert LeanOptions().activation_bits == 8
+    assert json.loads((tiny_bundle / "manifest.json").read_text())["training_graph"]["rewrites"][
+        "activations_compressed"] > 0
     with pytest.raises(ValueError, match="activation_bits"):
         LeanOptions(activation_bits=4)
-    with pytest.raises(ExportError, match="lean"):
-        export_bundle(tiny_ckpt, tmp_path / "b", profile=False, lean=False,
-                      lean_options=LeanOptions(activation_bits=8))
+    export_bundle(tiny_ckpt, tmp_path / "generated", profile=False, lean=False, portable=False)
+    assert not _sources(onnx.load(str(tmp_path / "generated" / "training_model.onnx")).graph)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
