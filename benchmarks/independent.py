@@ -377,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="corrupt at this size (bicubic up, area down to 32); 32: as is")
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    p.add_argument("--activation-bits", type=int, choices=[8], default=None,
+    p.add_argument("--activation-bits", choices=["8", "none"], default=None,
                    help="export edgetta's bundle with the meta networks' kept inputs compressed to this many "
-                        "bits (docs/compressed_activations.md; default: the exporter's)")
+                        "bits, or float32 ('none') (docs/compressed_activations.md; default: the exporter's)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--doc", default=str(DOC), help="where the generated Markdown goes")
     p.add_argument("--smoke", action="store_true", help="tiny run: 2 kinds x 8 frames, one seed, severity 5, batch 4")
@@ -415,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgetta_export.bundle import DEFAULT_CHECKPOINT
     ckpt_path = str(Path(DEFAULT_CHECKPOINT).resolve())
     from edgetta_export.lean import LeanOptions
-    bits = {} if a.activation_bits is None else {"lean_options": LeanOptions(activation_bits=a.activation_bits)}
-    bundle = (export_cached_bundle(checkpoint.load(ckpt_path), f"default-q{a.activation_bits}" if bits else "default",
+    bits = {} if a.activation_bits is None else {"lean_options": LeanOptions(
+        activation_bits=None if a.activation_bits == "none" else int(a.activation_bits))}
+    bundle = (export_cached_bundle(checkpoint.load(ckpt_path), f"default-bits-{a.activation_bits}" if bits else "default",
                                    **bits) if "edgetta" in a.methods else None)
 
     from importlib.metadata import version
