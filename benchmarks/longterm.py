@@ -199,7 +199,7 @@ class TorchRunner:
         hyper = EcoTTASettings.from_manifest(json.loads((bundle / "manifest.json").read_text()))
         if anchor:  # the registry's factory knows no anchor: the class itself, with the bundle's settings
             self.method = EcoTTATorch(ckpt, lr=hyper.lr, momentum=hyper.momentum, lam=hyper.lam, e0=hyper.e0,
-                                      anchor=anchor)
+                                      bn_momentum=hyper.bn_momentum, anchor=anchor)
         else:
             self.method = create(method.removesuffix("_lam0"), ckpt, hyper=hyper, seed=seed)
         self.mean, self.std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]

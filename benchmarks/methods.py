@@ -23,11 +23,13 @@ class EcoTTASettings:
     momentum: float = 0.9
     lam: float = 0.5
     e0: float | None = None
+    bn_momentum: float = 0.1  # the running statistics' (single-frame prediction's)
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> "EcoTTASettings":
         return cls(lr=float(manifest["adaptation"]["lr"]), momentum=float(manifest["adaptation"]["momentum"]),
-                   lam=float(manifest["ecotta"]["lambda"]), e0=manifest["ecotta"].get("e0"))
+                   lam=float(manifest["ecotta"]["lambda"]), e0=manifest["ecotta"].get("e0"),
+                   bn_momentum=float(manifest["adaptation"].get("bn_momentum", 0.1)))
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ def _cotta(ckpt: Checkpoint, o: BuildOptions) -> Any:
 def _ecotta_torch(ckpt: Checkpoint, o: BuildOptions) -> Any:
     from benchmarks import tta
     e = o.ecotta
-    return tta.EcoTTATorch(dict(ckpt), lr=o.lr or e.lr, momentum=e.momentum, lam=e.lam, e0=e.e0)
+    return tta.EcoTTATorch(dict(ckpt), lr=o.lr or e.lr, momentum=e.momentum, lam=e.lam, e0=e.e0,
+                           bn_momentum=e.bn_momentum)
 
 
 def _ecotta_paper(ckpt: Checkpoint, o: BuildOptions) -> Any:
@@ -102,7 +105,8 @@ def _ecotta_paper(ckpt: Checkpoint, o: BuildOptions) -> Any:
         model = build_model({**ckpt, "backbone_norm": "source"})
     else:
         raise ValueError("ecotta_paper needs the paper's meta networks: warm up with --paper-variant")
-    return tta.EcoTTATorch(dict(ckpt), lr=o.lr or e.lr, momentum=e.momentum, lam=e.lam, e0=e.e0, model=model)
+    return tta.EcoTTATorch(dict(ckpt), lr=o.lr or e.lr, momentum=e.momentum, lam=e.lam, e0=e.e0, model=model,
+                           bn_momentum=e.bn_momentum)
 
 
 _SPECS = (

@@ -244,6 +244,9 @@ class EcoTTATorch(GradientMethod):
         self.model = (model if model is not None else build_model(ckpt)).train()
         for norm in self.model.batch_stat_norms().values():  # the device keeps these running statistics too
             norm.momentum = bn_momentum
+        for bn in self.model.metas.modules():  # the device moves the meta BatchNorms' by the same momentum
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.momentum = bn_momentum
         self.lam, self.e0, self.anchor = lam, e0, float(anchor)
         self.optimizer = torch.optim.SGD(self.model.meta_parameters(), lr=lr, momentum=momentum)
         self.start = [p.detach().clone() for p in self.model.meta_parameters()]

@@ -36,7 +36,9 @@ class Adapter:
     ``memory_arena`` and ``prepacking``: onnxruntime allocator settings, off by default
     (docs/memory.md). ``share_weights``: the inference session and the engine read one copy of
     the frozen weights (None: where that costs no speed, i.e. on the CPU without onnxruntime's
-    x86-64 NCHWc layout; True on x86-64 turns that layout off: less memory, slower steps). ``lr`` and ``momentum`` override the bundle's. ``anchor`` (rho, off at 0):
+    x86-64 NCHWc layout; True on x86-64 turns that layout off: less memory, slower steps). ``lr``,
+    ``momentum`` and ``bn_momentum`` (how far each step moves the running statistics that single
+    frames are predicted with: docs/running_stats.md) override the bundle's. ``anchor`` (rho, off at 0):
     after every step the meta parameters are pulled back toward the warmed-up state,
     theta <- theta0 + (1 - rho) (theta - theta0), which stops their drift over long runs
     (docs/longterm.md); it costs no memory, theta0 is kept for ``reset`` anyway."""
@@ -44,13 +46,15 @@ class Adapter:
     def __init__(self, bundle: Bundle, provider: str = "cpu", lr: float | None = None,
                  momentum: float | None = None, memory_arena: bool = False, engine: str = "auto",
                  threads: int | None = None, prepacking: bool = False, anchor: float = 0.0,
-                 share_weights: bool | None = None):
+                 share_weights: bool | None = None, bn_momentum: float | None = None):
         if not (np.isfinite(anchor) and 0 <= anchor < 1):
             raise ValueError(f"anchor must be in [0, 1), got {anchor}")
         if lr is not None and not (np.isfinite(lr) and 0 < lr <= 1):
             raise ValueError(f"lr must be in (0, 1], got {lr}")
         if momentum is not None and not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if bn_momentum is not None and not 0 < bn_momentum <= 1:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
         self.bundle = bundle
         m = bundle.manifest
         pin_mmap_threshold()
@@ -70,7 +74,7 @@ class Adapter:
         self.anchor = float(anchor)
         self.lr = m.adaptation.lr if lr is None else float(lr)
         self.momentum = m.adaptation.momentum if momentum is None else float(momentum)
-        self.bn_momentum = m.adaptation.bn_momentum
+        self.bn_momentum = m.adaptation.bn_momentum if bn_momentum is None else float(bn_momentum)
         self.input_spec = m.input.as_dict()
         self._session = inference_session(bundle, opts, self.provider)
         self._stat_of: dict[str, str] = dict(m.running_stats)
@@ -84,11 +88,11 @@ class Adapter:
     def load(cls, bundle_dir: str | os.PathLike, engine: str = "auto", provider: str = "cpu",
              threads: int | None = None, memory_arena: bool = False, prepacking: bool = False,
              lr: float | None = None, momentum: float | None = None, anchor: float = 0.0,
-             share_weights: bool | None = None) -> "Adapter":
+             share_weights: bool | None = None, bn_momentum: float | None = None) -> "Adapter":
         """Open and verify a bundle (its manifest hash and every file's sha256), then load it."""
         return cls(Bundle.open(bundle_dir), provider=provider, lr=lr, momentum=momentum,
                    memory_arena=memory_arena, engine=engine, threads=threads, prepacking=prepacking,
-                   anchor=anchor, share_weights=share_weights)
+                   anchor=anchor, share_weights=share_weights, bn_momentum=bn_momentum)
 
     @property
     def class_names(self) -> list[str]:

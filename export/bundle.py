@@ -297,13 +297,15 @@ def build_model(ckpt: dict[str, Any], variant: str | None = None) -> EcoTTAModel
 
 def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float = 0.005,
                   momentum: float = 0.9, lam: float = 0.5, e0: float | None = None,
-                  batch_size: int = 64, bn_momentum: float = 0.1, sparse_storage: bool = True,
+                  batch_size: int = 64, bn_momentum: float = 0.7, sparse_storage: bool = True,
                   export_batch: int = 2, profile: bool = True, lean: bool = True,
                   portable: bool = True, fold_batchnorms: bool = True,
                   lean_options: LeanOptions = LeanOptions()) -> dict[str, Any]:
     """Write a device bundle for a warmed-up checkpoint; returns the manifest.
     ``lean``, ``portable`` and ``fold_batchnorms`` are on by default; off, for comparison
-    (``lean_options``: the lean graph's speed rewrites, likewise)."""
+    (``lean_options``: the lean graph's speed rewrites, likewise). ``bn_momentum``: how far each
+    step moves the running statistics that single frames are predicted with; 0.7 was chosen on
+    corrupted training images (python -m benchmarks.running_stats, docs/running_stats.md)."""
     import onnxruntime
     from onnxruntime.training import artifacts
 

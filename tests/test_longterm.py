@@ -102,7 +102,7 @@ def _device_and_torch(tiny_ckpt, tiny_bundle, anchor, steps=3):
     adapter = Adapter.load(tiny_bundle, threads=1, anchor=anchor)
     a = adapter.bundle.manifest.adaptation
     norm = tiny_ckpt["normalization"]
-    method = EcoTTATorch(tiny_ckpt, lr=a.lr, momentum=a.momentum, anchor=anchor)
+    method = EcoTTATorch(tiny_ckpt, lr=a.lr, momentum=a.momentum, anchor=anchor, bn_momentum=a.bn_momentum)
     start = adapter.meta_state()
     rng = np.random.default_rng(0)
     for _ in range(steps):
