@@ -209,13 +209,9 @@ print(json.dumps(out))
 def test_aarch64_shares_by_default_and_changes_no_number(tiny_bundle, corrupted_frames, tmp_path):
     """On aarch64 (emulated) the default adapter holds the frozen weights once; its predictions,
     step logits, loss and adapted state equal an unshared adapter's bit for bit."""
+    from benchmarks.load_memory import run_child  # the emulated arm64 Python, as the benchmark runs it
     np.save(tmp_path / "frames.npy", corrupted_frames[0][:16])
-    env = dict(os.environ, PYTHONPATH=f"{ARM / 'site'}:{ROOT}")
-    r = subprocess.run([QEMU, "-L", str(ARM / "sysroot"), str(ARM / "sysroot/usr/bin/python3.11"),
-                        "-c", ARM_SCRIPT, str(tiny_bundle), str(tmp_path / "frames.npy")],
-                       capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_child(ARM_SCRIPT, [str(tiny_bundle), str(tmp_path / "frames.npy")], emulated=True)
     shared, unshared = out["None"], out["False"]
     assert shared["shared"] > 0 and unshared["shared"] == 0
     assert shared["loss"] == unshared["loss"]
