@@ -10,6 +10,10 @@ Each measurement is a fresh torch-free process (``edgetta.profile.measure_step``
 each engine of ``--engines``; the static figures come from the graph's liveness
 (``edgetta.profile.analyse``) for that engine. A model other than ``default`` (``--checkpoint``)
 is an untrained ERK-80% zoo model (memory does not depend on the weights' values).
+
+``--interleaved N`` also times the graphs against each other in this one process, one thread
+each, alternating one step of each graph N times (median; on a shared machine the load then
+falls on every graph alike, which separate processes do not ensure).
 """
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.common import RESULTS, HelpFormatter, run_cli, untrained_checkpoint
 from edgetta.bundle import Bundle
@@ -45,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", nargs="+", choices=["ort-training", "onnx"], default=["ort-training"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per point (median kept)")
+    p.add_argument("--interleaved", type=int, default=0, metavar="N",
+                   help="also time N alternating steps of the graphs in one process, one thread (0: off)")
     p.add_argument("--out", default=str(RESULTS / "step_memory.json"))
     a = p.parse_args(argv)
     rows = []
@@ -71,12 +80,14 @@ def measure(model: str, bundles: dict[str, Path], a: argparse.Namespace) -> list
     rows = []
     for batch in a.batches:
         for engine in a.engines:
+            timed = interleaved_step_ms(bundles, engine, batch, a.interleaved) if a.interleaved else {}
             for graph, path in bundles.items():
                 static = analyse(Bundle.open(path), get_target("x86-64"), batch, engine=engine)
                 runs = sorted((measure_step(path, batch, engine=engine) for _ in range(a.repeats)),
                               key=lambda m: m["step_peak"])
                 m = runs[len(runs) // 2]
                 row = {"model": model, "graph": graph, "engine": engine, "batch": batch,
+                       **({"interleaved_step_ms": timed[graph]} if timed else {}),
                        "static_activations_mib": round(static["adaptation"]["activations_kept"] / MIB, 1),
                        "static_step_mib": round((static["adaptation"]["activations_kept"]
                                                  + static["adaptation"]["workspace"]) / MIB, 1),
@@ -86,6 +97,24 @@ def measure(model: str, bundles: dict[str, Path], a: argparse.Namespace) -> list
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
+
+
+def interleaved_step_ms(bundles: dict[str, Path], engine: str, batch: int, steps: int) -> dict[str, float]:
+    """Median ms of ``steps`` adaptation steps per graph, the graphs' steps alternating."""
+    from edgetta import Adapter
+    adapters = {g: Adapter.load(p, engine=engine, threads=1) for g, p in bundles.items()}
+    first = next(iter(adapters.values()))
+    frames = np.random.default_rng(0).integers(0, 256, (batch, *first.bundle.input_size, 3), dtype=np.uint8)
+    x = first.preprocess(frames)
+    times: dict[str, list[float]] = {g: [] for g in adapters}
+    for a in adapters.values():  # first steps allocate and plan
+        a.adapt(x)
+    for _ in range(steps):
+        for g, a in adapters.items():
+            t = time.perf_counter()
+            a.adapt(x)
+            times[g].append((time.perf_counter() - t) * 1e3)
+    return {g: round(float(np.median(v)), 1) for g, v in times.items()}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,15 @@ gradient is wanted). This pass rewrites, in the generated training graph:
   reader gets its layout conversion run right away (``frozen_conv_outputs``).
 
 Once neither reads it, the forward activation is freed during the forward pass. All ops are
-standard ONNX. Residual additions, pooling, the classifier and the meta networks are unchanged.
+standard ONNX. Residual additions, pooling and the classifier are unchanged.
+
+What the meta networks' own gradients read (``BatchNormalizationGrad``'s input, ``ConvGrad``'s
+input where a weight gradient is wanted) stays at full width; with ``LeanOptions.activation_bits``
+(8, the default) each such tensor is stored as 8-bit integers per (sample, channel) with
+stochastic rounding right after the forward pass computes it, and decompressed right before the
+backward pass reads it (``compress_activation``, ``decompress_activation``;
+docs/compressed_activations.md). The regularizer's gradients, computed during the forward pass,
+read the exact floats.
 
 A pass runs first, on the EcoTTA structure of the graph:
 
