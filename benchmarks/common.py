@@ -126,6 +126,21 @@ def export_cached_bundle(ckpt: dict[str, Any], name: str, **kwargs: Any) -> Path
     return out
 
 
+ANALYSIS_MARKER = "<!-- analysis -->"
+
+
+def write_generated_doc(doc: Path, text: str) -> Path:
+    """Write a generated report to ``doc``, keeping the hand-written part of the old file: from
+    ANALYSIS_MARKER on."""
+    doc = Path(doc)
+    if doc.exists():
+        old = doc.read_text()
+        if ANALYSIS_MARKER in old:
+            text += "\n" + old[old.index(ANALYSIS_MARKER):]
+    write_text_atomic(doc, text)
+    return doc
+
+
 def load_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text()) if Path(path).exists() else {}
 

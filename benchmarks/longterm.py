@@ -58,7 +58,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, continual_stream, run_cli
+from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, continual_stream, run_cli, write_generated_doc
 from edgetta.system import atomic_write, peak_rss_bytes, reset_peak_rss, rss_bytes, write_text_atomic
 
 log = logging.getLogger("benchmarks.longterm")
@@ -1014,14 +1014,7 @@ def write_report(out_dir: Path, doc: Path | None) -> list[Path]:
             data = json.loads(json_path.read_text())
             written += plots(data, out_dir, json_path.stem)
             parts.append(markdown(data, fig_dir, generator))
-    text = "\n".join(parts)
-    if doc.exists():  # keep the hand-written analysis below the generated part
-        old = doc.read_text()
-        marker = "<!-- analysis -->"
-        if marker in old:
-            text += "\n" + old[old.index(marker):]
-    write_text_atomic(doc, text)
-    return written + [doc]
+    return written + [write_generated_doc(doc, "\n".join(parts))]
 
 
 def main(argv: list[str] | None = None) -> int:

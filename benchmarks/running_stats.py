@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS, ROOT, HelpFormatter, continual_stream, load_json, merge_json, run_cli
+from benchmarks.common import (RESULTS, ROOT, HelpFormatter, continual_stream, load_json, merge_json, run_cli,
+                               write_generated_doc)
 from benchmarks.longterm import bundles, checkpoint_label, clean_subset, default_checkpoint, recovery_subset
-from edgetta.system import write_text_atomic
 
 log = logging.getLogger("benchmarks.running_stats")
 
@@ -218,14 +218,7 @@ def render(data: dict[str, Any]) -> str:
 
 
 def write_report(json_path: Path, doc: Path) -> Path:
-    text = render(load_json(json_path))
-    if doc.exists():
-        old = doc.read_text()
-        marker = "<!-- analysis -->"
-        if marker in old:
-            text += "\n" + old[old.index(marker):]
-    write_text_atomic(doc, text)
-    return doc
+    return write_generated_doc(doc, render(load_json(json_path)))
 
 
 def main(argv: list[str] | None = None) -> int:

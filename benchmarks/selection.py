@@ -46,9 +46,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import CACHE, RESULTS, ROOT, HelpFormatter, continual_stream, load_json, merge_json, run_cli
+from benchmarks.common import (CACHE, RESULTS, ROOT, HelpFormatter, continual_stream, load_json, merge_json, run_cli,
+                               write_generated_doc)
 from benchmarks.longterm import Job, bundles, checkpoint_label, clean_subset, default_checkpoint, run_jobs, summary
-from edgetta.system import write_text_atomic
 
 log = logging.getLogger("benchmarks.selection")
 
@@ -238,14 +238,7 @@ def render(data: dict[str, Any]) -> str:
 
 def write_report(json_path: Path, doc: Path) -> Path:
     """The generated report, with any hand-written part below ``<!-- analysis -->`` kept."""
-    text = render(load_json(json_path))
-    if doc.exists():
-        old = doc.read_text()
-        marker = "<!-- analysis -->"
-        if marker in old:
-            text += "\n" + old[old.index(marker):]
-    write_text_atomic(doc, text)
-    return doc
+    return write_generated_doc(doc, render(load_json(json_path)))
 
 
 def main(argv: list[str] | None = None) -> int:
