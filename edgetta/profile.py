@@ -36,6 +36,10 @@ from .targets import Target
 
 FACTS_FILE = "graph_facts.json"
 FACTS_FORMAT = 1
+# the batch symbol the lean graph gives the main backward pass's tensors
+# (edgetta_export.lean.separate_backward_buffers): onnxruntime's planner then hands them no
+# buffer of the forward pass, and neither does the liveness pass (``_liveness``)
+BACKWARD_BATCH = "edgetta_backward_batch"
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class GraphFacts:
     nodes: list[Any]
     tensors: dict[str, TensorInfo]
     params: dict[str, int] = field(default_factory=dict)   # initializer name -> elements
+    # tensors declared with BACKWARD_BATCH: buffers are handed on only among them
+    backward_batch: frozenset[str] = frozenset()
     _order: list[Any] | None = field(default=None, repr=False)
 
     def order(self) -> list[Any]:
@@ -81,7 +87,7 @@ class GraphFacts:
         return {"nodes": [[n.op_type, list(n.input), list(n.output)] for n in self.nodes],
                 "tensors": {k: [t.elems1, t.elems2, t.itemsize, t.is_float, list(t.shape1)]
                             for k, t in self.tensors.items()},
-                "params": self.params}
+                "params": self.params, "backward_batch": sorted(self.backward_batch)}
 
     @classmethod
     def from_json(cls, data: Any) -> "GraphFacts":
@@ -91,9 +97,10 @@ class GraphFacts:
             tensors = {str(k): TensorInfo(str(k), int(e1), int(e2), int(size), bool(fl), tuple(map(int, shape)))
                        for k, (e1, e2, size, fl, shape) in data["tensors"].items()}
             params = {str(k): int(v) for k, v in data["params"].items()}
+            backward = frozenset(map(str, data.get("backward_batch", [])))  # absent before it existed
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"graph facts are malformed ({type(e).__name__}: {e})") from None
-        return cls(nodes, tensors, params)
+        return cls(nodes, tensors, params, backward)
 
 
 def _onnx():
@@ -144,7 +151,9 @@ def initializer_elems(graph: Any) -> dict[str, int]:
 
 def _facts(model: Any, feeds: Any) -> GraphFacts:
     nodes = [Node(n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node]
-    return GraphFacts(nodes, _probe(model, feeds), initializer_elems(model.graph))
+    backward = frozenset(vi.name for vi in model.graph.value_info
+                         if any(d.dim_param == BACKWARD_BATCH for d in vi.type.tensor_type.shape.dim))
+    return GraphFacts(nodes, _probe(model, feeds), initializer_elems(model.graph), backward)
 
 
 def _frames(bundle: Bundle, batch: int) -> np.ndarray:
@@ -305,7 +314,8 @@ def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> 
     """Bytes allocated at each node of the execution order. Buffers are handed on as
     onnxruntime's allocation planner does: a new tensor takes the most recently freed buffer of
     exactly its size, and a buffer that is handed on stays allocated from its first tensor's
-    creation to its last tensor's last use, gaps included."""
+    creation to its last tensor's last use, gaps included. Tensors of the backward pass's own
+    batch symbol (``GraphFacts.backward_batch``) share buffers only with each other."""
     nodes = facts.order()
     last_use: dict[str, int] = {}
     for i, node in enumerate(nodes):
@@ -316,13 +326,13 @@ def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> 
     free: dict[tuple, list[int]] = {}              # size key -> freed buffers, most recent last
     buffer_of: dict[str, int] = {}
     if "input" in facts.tensors:                   # fed by the caller: never handed on
-        spans.append([0, last_use.get("input", 0), (None, None, facts.tensors["input"].nbytes(batch, target))])
+        spans.append([0, last_use.get("input", 0), (None, None, facts.tensors["input"].nbytes(batch, target), False)])
     for i, node in enumerate(nodes):
         for o in node.output:
             if not o or o in skip or o not in facts.tensors or o in buffer_of:
                 continue
             t = facts.tensors[o]
-            key = (t.elems1, t.elems2, t.nbytes(batch, target))
+            key = (t.elems1, t.elems2, t.nbytes(batch, target), o in facts.backward_batch)
             if free.get(key):
                 bid = free[key].pop()
             else:
@@ -336,7 +346,7 @@ def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> 
                 free.setdefault(spans[bid][2], []).append(bid)
     end = len(nodes)
     delta = np.zeros(end + 2, dtype=np.int64)
-    for first, last, (_, _, size) in spans:
+    for first, last, (_, _, size, _) in spans:
         delta[first] += size
         delta[last + 1] -= size
     live = np.cumsum(delta)[:end]

@@ -37,7 +37,7 @@ from edgetta import manifest as contract
 from edgetta.bundle import sha256_file
 
 from .ecotta import EcoTTAModel, loss_from_features, replace_batchnorms
-from .lean import LeanOptions, make_lean
+from .lean import LeanOptions, make_lean, separate_backward_buffers
 from .portable import make_portable
 from .models import Backbone
 from .errors import ExportError, training_graph_refusal
@@ -375,6 +375,8 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
             if lean:  # for ARM, which has no NCHWc layout for NHWC masks to work around
                 make_lean(generated, train_proto, nhwc_masks=False, options=lean_options)
             step = make_portable(generated, train_proto, meta_params, options=lean_options)
+            if lean and lean_options.separate_backward_buffers:  # the tensors make_portable added too
+                separate_backward_buffers(step)
             onnx.checker.check_model(step, full_check=True)
             onnx.save(step, tmp / "portable_step.onnx")
 

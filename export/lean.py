@@ -57,6 +57,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 import numpy as np
 
+from edgetta.profile import BACKWARD_BATCH
+
 
 def spatial_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
     return declared_spatial_dims(onnx.shape_inference.infer_shapes(model).graph)
@@ -509,6 +511,73 @@ def clip_gradient_masks(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
     return found
 
 
+def ort_inferred_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, list[int | str | None]]]:
+    """The element type and shape onnxruntime infers for the tensors ``names`` of ``model`` (its
+    own shape inference, which knows its training ops): an int per known dimension, the
+    symbol's name per symbolic one, None per unknown one. Made by exposing the tensors as
+    outputs of an unoptimized session, which is created but never run."""
+    import onnxruntime as ort
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    listed = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in listed:
+            m.graph.output.append(helper.make_empty_tensor_value_info(name))
+            listed.add(name)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    types = {f"tensor({TensorProto.DataType.Name(t).lower()})": t for t in
+             (TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32, TensorProto.INT64,
+              TensorProto.BOOL, TensorProto.DOUBLE, TensorProto.FLOAT16)}
+    wanted = set(names)
+    return {o.name: (types[o.type], list(o.shape)) for o in sess.get_outputs()
+            if o.name in wanted and o.type in types and o.shape is not None}
+
+
+def separate_backward_buffers(training: onnx.ModelProto, seed: str = "logits_grad",
+                              batch_input: str = "input") -> int:
+    """Declare the batch dimension of every tensor of the main backward pass (the nodes reached
+    from ``seed``) as a symbol of its own, ``edgetta_backward_batch``, where onnxruntime infers
+    it as the input's batch symbol (or already as that symbol, from tensors declared so). Returns
+    how many tensors were declared.
+
+    onnxruntime's allocation planner hands a freed buffer on to a later tensor of the same
+    static shape, symbol for symbol, and keeps that buffer allocated from its first tensor to
+    its last, the gap between included. The backward pass ends at the widest meta network, whose
+    tensors have the shapes of the high-resolution forward pass: they took the forward pass's
+    buffers of those shapes, which then stayed allocated through the whole step, unused
+    (docs/workspace.md). With a symbol of its own the backward pass's tensors share buffers only
+    with each other, and a forward buffer is freed after its last forward reader. The declared
+    shapes are true (every such dimension is the batch size): only what the planner can prove
+    equal changes."""
+    g = training.graph
+    nodes = list(g.node)
+    back = _backward(nodes, seed)
+    names = list(dict.fromkeys(o for i in sorted(back) for o in nodes[i].output if o))
+    batch_dims = [d for i in g.input if i.name == batch_input for d in i.type.tensor_type.shape.dim[:1]]
+    if not names or not batch_dims or not batch_dims[0].dim_param:
+        return 0
+    batch = batch_dims[0].dim_param
+    shapes = ort_inferred_shapes(training, names)
+    declared = {vi.name: vi for vi in g.value_info}
+    count = 0
+    for name in names:
+        elem, shape = shapes.get(name, (None, None))
+        if not shape or not {batch, BACKWARD_BATCH} & set(shape):  # not batched, or no symbol known
+            continue
+        dims = [BACKWARD_BATCH if d == batch else d for d in shape]
+        vi = declared.get(name)
+        new = helper.make_tensor_value_info(name, elem, dims)
+        if vi is None:
+            g.value_info.append(new)
+        else:
+            vi.CopyFrom(new)
+        count += 1
+    return count
+
+
 @dataclass(frozen=True)
 class LeanOptions:
     """The speed and memory rewrites of the lean graph and the portable step, on by default; off
@@ -531,6 +600,10 @@ class LeanOptions:
     # them float32 (exact gradients: compare against torch with it off). Only 8 is implemented.
     # On by default: accuracy unchanged within 0.3 points (docs/compressed_activations.md).
     activation_bits: int | None = 8
+    # the main backward pass's tensors get a batch symbol of their own, so that onnxruntime's
+    # allocation planner does not hand them the forward pass's buffers, which then stay allocated
+    # through the whole step (``separate_backward_buffers``; docs/workspace.md)
+    separate_backward_buffers: bool = False
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (None, 8):
@@ -705,10 +778,12 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         ordered = drop_unread(ordered, {o.name for o in training.graph.output})
     del training.graph.node[:]
     training.graph.node.extend(ordered)
+    separated = separate_backward_buffers(training) if options.separate_backward_buffers else 0
     return {"stop_gradient_twin_nodes_dropped": twins, "conv_grad_to_conv_transpose": convs,
             "relu_grad_to_mask": relus, "relu_masks_bit_packed": bits, "relu_masks_nhwc": transposed,
             "clip_grad_to_mask": clipped, "depthwise_grad_to_conv": depthwise, "conv_grad_to_conv": to_conv,
             "flipped_weight_bytes": flipped_bytes,
             "activations_compressed": len(compressed),
             "activation_elements_compressed_per_sample": compressed_bytes,
-            "regularizer_nodes_placed_early": moved}
+            "regularizer_nodes_placed_early": moved,
+            "backward_tensors_separated": separated}
