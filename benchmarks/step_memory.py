@@ -1,7 +1,8 @@
 """Memory and time of one adaptation step: onnxruntime-training's generated graph, edgetta's
 lean rewrite, and the lean rewrite with the meta networks' kept inputs compressed to 8 bits
 (``LeanOptions(activation_bits=8)``), and that with the backward pass's buffers apart
-(``separate_backward_buffers``), same model, same batches, measured side by side in one run.
+(``separate_backward_buffers``, "separated") and also the regularizer's L1 gradients in place
+(``l1_gradient_in_place``, "bounded"), same model, same batches, measured side by side in one run.
 
     python -m benchmarks.step_memory --batches 16 64 --repeats 5
     python -m benchmarks.step_memory --models default wrn28_10 --graphs lean compressed \
@@ -39,10 +40,16 @@ from edgetta_export.lean import LeanOptions
 
 # graph name -> export options
 GRAPHS = {"generated": dict(lean=False),
-          "lean": dict(lean=True, lean_options=LeanOptions(activation_bits=None, separate_backward_buffers=False)),
-          "compressed": dict(lean=True, lean_options=LeanOptions(activation_bits=8, separate_backward_buffers=False)),
+          "lean": dict(lean=True, lean_options=LeanOptions(activation_bits=None, separate_backward_buffers=False,
+                                                           l1_gradient_in_place=False)),
+          "compressed": dict(lean=True, lean_options=LeanOptions(activation_bits=8, separate_backward_buffers=False,
+                                                                 l1_gradient_in_place=False)),
           # the backward pass's buffers apart from the forward pass's (docs/workspace.md)
-          "separated": dict(lean=True, lean_options=LeanOptions(activation_bits=8, separate_backward_buffers=True))}
+          "separated": dict(lean=True, lean_options=LeanOptions(activation_bits=8, separate_backward_buffers=True,
+                                                                l1_gradient_in_place=False)),
+          # and the regularizer's L1 gradients without a full-size Expand
+          "bounded": dict(lean=True, lean_options=LeanOptions(activation_bits=8, separate_backward_buffers=True,
+                                                              l1_gradient_in_place=True))}
 
 
 def main(argv: list[str] | None = None) -> int:

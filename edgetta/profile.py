@@ -315,13 +315,19 @@ def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> 
     onnxruntime's allocation planner does: a new tensor takes the most recently freed buffer of
     exactly its size, and a buffer that is handed on stays allocated from its first tensor's
     creation to its last tensor's last use, gaps included. Tensors of the backward pass's own
-    batch symbol (``GraphFacts.backward_batch``) share buffers only with each other."""
+    batch symbol (``GraphFacts.backward_batch``), and those computed from them (whose shapes
+    onnxruntime may not know, and then reuses no buffer for), share buffers only with each other."""
     nodes = facts.order()
     last_use: dict[str, int] = {}
     for i, node in enumerate(nodes):
         for x in node.input:
             if x:
                 last_use[x] = i
+    apart = set(facts.backward_batch)
+    if apart:
+        for node in nodes:
+            if any(x in apart for x in node.input):
+                apart.update(o for o in node.output if o)
     spans: list[list] = []                         # per buffer: [first node, last node, size key]
     free: dict[tuple, list[int]] = {}              # size key -> freed buffers, most recent last
     buffer_of: dict[str, int] = {}
@@ -332,7 +338,7 @@ def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> 
             if not o or o in skip or o not in facts.tensors or o in buffer_of:
                 continue
             t = facts.tensors[o]
-            key = (t.elems1, t.elems2, t.nbytes(batch, target), o in facts.backward_batch)
+            key = (t.elems1, t.elems2, t.nbytes(batch, target), o in apart)
             if free.get(key):
                 bid = free[key].pop()
             else:

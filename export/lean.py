@@ -511,6 +511,52 @@ def clip_gradient_masks(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
     return found
 
 
+def l1_gradient_in_place(nodes: list[onnx.NodeProto], outputs: set[str]) -> tuple[list[onnx.NodeProto], int]:
+    """The regularizer's terms ``mean |d|`` are differentiated as ``Mul(Expand(g, Shape(|d|)),
+    Sign(d))``: a full-size tensor of one repeated value, at the widest meta network's size, at the
+    step's peak (docs/workspace.md). ``Mul(Sign(d), g)`` broadcasts the same scalar: the same
+    products, one tensor fewer. And the forward ``ReduceMean`` of ``|d|`` is placed right after
+    the ``Abs``, so that ``|d|`` is freed at once rather than after the term's whole gradient
+    (onnxruntime runs ready nodes in the graph's order). Returns the nodes and how many terms."""
+    producer = {o: n for n in nodes for o in n.output if o}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for x in set(n.input):
+            readers[x] = readers.get(x, 0) + 1
+    moved: dict[int, onnx.NodeProto] = {}  # id of an Abs -> the ReduceMean to place after it
+    count = 0
+    for node in nodes:
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        for a, b in (node.input, node.input[::-1]):
+            expand, sign = producer.get(a), producer.get(b)
+            if (expand is None or sign is None or expand.op_type != "Expand" or sign.op_type != "Sign"
+                    or readers.get(a) != 1):
+                continue
+            shape = producer.get(expand.input[1])
+            absolute = producer.get(shape.input[0]) if shape is not None and shape.op_type == "Shape" else None
+            if absolute is None or absolute.op_type != "Abs" or absolute.input[0] != sign.input[0]:
+                continue
+            del node.input[:]
+            node.input.extend([b, expand.input[0]])
+            count += 1
+            means = [n for n in nodes if n.op_type == "ReduceMean" and list(n.input) == [absolute.output[0]]]
+            if len(means) == 1:
+                moved[id(absolute)] = means[0]
+            break
+    if not count:
+        return nodes, 0
+    placed = {id(n) for n in moved.values()}
+    out = []
+    for n in nodes:
+        if id(n) in placed:
+            continue
+        out.append(n)
+        if id(n) in moved:
+            out.append(moved[id(n)])
+    return drop_unread(out, outputs), count
+
+
 def ort_inferred_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, list[int | str | None]]]:
     """The element type and shape onnxruntime infers for the tensors ``names`` of ``model`` (its
     own shape inference, which knows its training ops): an int per known dimension, the
@@ -604,6 +650,9 @@ class LeanOptions:
     # allocation planner does not hand them the forward pass's buffers, which then stay allocated
     # through the whole step (``separate_backward_buffers``; docs/workspace.md)
     separate_backward_buffers: bool = False
+    # the regularizer's L1 gradients without a full-size Expand of their scalar, and its forward
+    # mean right after |d| (``l1_gradient_in_place``; docs/workspace.md)
+    l1_gradient_in_place: bool = False
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (None, 8):
@@ -776,6 +825,9 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         ordered.extend(after.get(i, []))
     if clipped:  # the generated >=, <=, And, Cast chains nothing reads any more
         ordered = drop_unread(ordered, {o.name for o in training.graph.output})
+    l1_terms = 0
+    if options.l1_gradient_in_place:
+        ordered, l1_terms = l1_gradient_in_place(ordered, {o.name for o in training.graph.output})
     del training.graph.node[:]
     training.graph.node.extend(ordered)
     separated = separate_backward_buffers(training) if options.separate_backward_buffers else 0
@@ -786,4 +838,4 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             "activations_compressed": len(compressed),
             "activation_elements_compressed_per_sample": compressed_bytes,
             "regularizer_nodes_placed_early": moved,
-            "backward_tensors_separated": separated}
+            "backward_tensors_separated": separated, "l1_gradients_in_place": l1_terms}

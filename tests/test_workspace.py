@@ -1,10 +1,15 @@
-"""The backward pass's buffers apart from the forward pass's (``LeanOptions.separate_backward_buffers``,
-issue 16 item 4): the main backward pass's tensors get a batch symbol of their own, so that
-onnxruntime's allocation planner, which hands a freed buffer on only to a tensor of the same
-static shape, gives them none of the forward pass's buffers (docs/workspace.md).
+"""Bounded workspace (issue 16 item 4, docs/workspace.md):
+
+- ``LeanOptions.separate_backward_buffers``: the main backward pass's tensors get a batch symbol
+  of their own, so that onnxruntime's allocation planner, which hands a freed buffer on only to
+  a tensor of the same static shape, gives them none of the forward pass's buffers;
+- ``LeanOptions.l1_gradient_in_place``: the regularizer's L1 gradients without a full-size
+  ``Expand`` of their scalar, and its forward mean right after ``|d|``.
 
 The tiny model is exported with e0 = 10 (above any entropy), as in tests/test_compress.py, so
 that the entropy term's gradient is not zero."""
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -23,13 +28,14 @@ BATCH = 16
 
 @pytest.fixture(scope="module")
 def pair(tiny_ckpt, tmp_path_factory):
-    """The tiny checkpoint exported with one batch symbol and with the backward pass's own."""
+    """The tiny checkpoint exported with neither rewrite, with the backward pass's own batch
+    symbol, and with both rewrites."""
     root = tmp_path_factory.mktemp("workspace")
     out = {}
-    for name, apart in (("shared", False), ("apart", True)):
+    for name, apart, l1 in (("shared", False, False), ("apart", True, False), ("bounded", True, True)):
         out[name] = root / name
         export_bundle(tiny_ckpt, out[name], profile=False, e0=10.0,
-                      lean_options=LeanOptions(separate_backward_buffers=apart))
+                      lean_options=LeanOptions(separate_backward_buffers=apart, l1_gradient_in_place=l1))
     return out
 
 
@@ -96,7 +102,7 @@ def test_gradients_unchanged(pair, engine, corrupted_frames):
     sessions draw the same rounding noise (seeded per session), so compression is on here."""
     from edgetta.adapter import Adapter
     x = Adapter.load(pair["shared"], engine="onnx").preprocess(corrupted_frames[0][:BATCH])
-    a, b = _gradients(pair["shared"], engine, x), _gradients(pair["apart"], engine, x)
+    a, b = _gradients(pair["shared"], engine, x), _gradients(pair["bounded"], engine, x)
     assert set(a) == set(b)
     for name in a:
         scale = float(np.abs(a[name]).max())
@@ -111,6 +117,32 @@ def test_static_estimate_hands_no_forward_buffer_to_the_backward_pass(pair, engi
     same."""
     target = get_target("x86-64")
     shared = analyse(Bundle.open(pair["shared"]), target, 64, engine=engine)["adaptation"]
-    apart = analyse(Bundle.open(pair["apart"]), target, 64, engine=engine)["adaptation"]
-    assert apart["activations_kept"] == shared["activations_kept"]
-    assert apart["workspace"] <= shared["workspace"]
+    for name in ("apart", "bounded"):
+        apart = analyse(Bundle.open(pair[name]), target, 64, engine=engine)["adaptation"]
+        assert apart["activations_kept"] == shared["activations_kept"]
+        assert apart["workspace"] <= shared["workspace"]
+
+
+def _l1_gradients(graph: onnx.GraphProto) -> tuple[int, int]:
+    """(Muls of Expand and Sign, Muls of Sign and a non-Expand): the L1 gradients as generated
+    and as rewritten."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    ops = [sorted(producer[x].op_type if x in producer else "" for x in n.input)
+           for n in graph.node if n.op_type == "Mul"]
+    expanded = sum(1 for o in ops if o == ["Expand", "Sign"])
+    return expanded, sum(1 for o in ops if "Sign" in o) - expanded
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_l1_gradient_without_a_full_size_expand(pair, engine):
+    """Each regularizer term's gradient multiplies Sign(d) by its scalar directly (generated, it
+    expands the scalar to d's shape first), and the term's forward mean follows |d| at once."""
+    k = json.loads((pair["bounded"] / "manifest.json").read_text())["ecotta"]["k"]
+    assert _l1_gradients(onnx.load(str(pair["shared"] / GRAPHS[engine])).graph) == (k, 0)
+    g = onnx.load(str(pair["bounded"] / GRAPHS[engine])).graph
+    assert _l1_gradients(g) == (0, k)
+    order = {o: i for i, n in enumerate(g.node) for o in n.output}
+    means = [(i, order[n.input[0]]) for i, n in enumerate(g.node) if n.op_type == "ReduceMean"
+             and n.input[0] in order and g.node[order[n.input[0]]].op_type == "Abs"]
+    assert len(means) == k
+    assert all(i == made + 1 for i, made in means)
