@@ -720,7 +720,7 @@ def render(report: dict[str, Any]) -> str:
            "input gradients as a Conv of flipped kernels, BatchNorm gradients with one full-size pass fewer) are "
            "in the same before/after.",
            "",
-           f"Code: {report.get('git', 'not recorded')}. Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs shared with other jobs "
+           "Code: " + "; ".join(f"{m['model']} at {m.get('git', report.get('git', 'not recorded'))}" for m in report["models"]) + f". Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs shared with other jobs "
            f"(load average per phase is listed under each model; timings are noisy, ratios within one run are "
            f"what to compare). Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
            "",
@@ -857,9 +857,13 @@ def main(argv: list[str] | None = None) -> int:
                   settings_on=a.settings, micro_on=a.micro, micro_repeats=a.micro_repeats,
                   memory_on=not a.no_memory, command=command)
     data = to_json(reports, command)
-    if a.add and a.out.exists():
+    for m in data["models"]:
+        m["git"] = data["git"]
+    if a.add and a.out.exists():  # the models kept keep the code they were measured on
+        old = json.loads(a.out.read_text())
         fresh = {m["model"] for m in data["models"]}
-        data["models"] = [m for m in json.loads(a.out.read_text())["models"] if m["model"] not in fresh] + data["models"]
+        data["models"] = [{"git": old.get("git", "not recorded"), **m} for m in old["models"]
+                          if m["model"] not in fresh] + data["models"]
     write_text_atomic(a.out, json.dumps(data, indent=1))
     write_text_atomic(a.doc, render(data) + "\n")
     print(f"wrote {a.out} and {a.doc}")
