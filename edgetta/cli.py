@@ -175,7 +175,8 @@ def cmd_profile(a: argparse.Namespace) -> int:
             if not 0 < a.budget < 1 << 30:
                 raise ValueError(f"--budget must be a positive number of MiB, got {a.budget:g}")
             target = type(target)(**{**target.as_dict(), "budget_mib": a.budget})
-        engine = choose_engine(a.engine, bundle)
+        # onnxruntime-training has wheels for x86-64 only: elsewhere the target runs the portable step
+        engine = choose_engine("onnx" if a.engine == "auto" and target.arch != "x86_64" else a.engine, bundle)
         batch = a.batch or bundle.manifest.adaptation.batch_size
         if not 1 <= batch <= 65536:
             raise ValueError(f"--batch must be in 1..65536, got {batch}")
@@ -286,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--budget", type=float, default=None, help="MiB; overrides the target's budget")
     f.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
     f.add_argument("--engine", default="auto", choices=["auto", "ort-training", "onnx"],
-                   help="the engine to profile and measure (auto: the one 'adapt' would use)")
+                   help="the engine to profile and measure (auto: the one 'adapt' would use on the "
+                        "target: the portable step on ARM)")
     f.add_argument("--no-measure", action="store_true",
                    help="static analysis only (no adaptation step is run on this machine)")
     f.add_argument("--json", action="store_true")

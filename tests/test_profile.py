@@ -190,6 +190,18 @@ def test_cli_profile_exit_codes_json_and_plot(tiny_bundle, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
 
 
+def test_cli_profile_auto_engine_is_the_targets(tiny_bundle):
+    """ARM targets have no onnxruntime-training wheel: 'auto' profiles the portable step there,
+    and on an x86-64 target the engine 'adapt' picks here."""
+    from edgetta.bundle import Bundle
+    from edgetta.engines import choose_engine
+    here = choose_engine("auto", Bundle.open(tiny_bundle))
+    for target, expected in (("rpi4-1gb", "onnx"), ("arm-sbc-512mb", "onnx"), ("x86-64", here)):
+        r = _profile(tiny_bundle, "--target", target, "--no-measure", "--json")
+        assert r.returncode in (0, 1), r.stderr[-2000:]
+        assert json.loads(r.stdout)["engine"] == expected, target
+
+
 @pytest.mark.parametrize("engine", ["onnx", "ort-training"])
 def test_cli_profile_on_a_device_measures_the_engine_that_runs(tiny_bundle, engine):
     """Only base dependencies: the static figures come from the bundle, the measurement from a
