@@ -149,7 +149,7 @@ def stream_of(split: str, generator: str, seed: int, per_type: int) -> Path:
 
 def choose(runs: list[dict[str, Any]]) -> float | None:
     """The criterion over the train runs (batches 64 and 16)."""
-    train = [r for r in runs if r["split"] == "train"]
+    train = [r for r in runs if r["split"] == "train" and r["batch"] in (64, 16)]  # other batches: information
     if not {64, 16} <= {r["batch"] for r in train}:
         return None
     mean: dict[float, list[float]] = {}

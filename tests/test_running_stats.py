@@ -58,6 +58,9 @@ def test_criterion_needs_both_batches_and_prefers_the_least_change():
                 "momenta": [{"momentum": m, "single_frame_error": [e]} for m, e in errs.items()]}
     assert choose([run(64, {0.1: 0.3, 1.0: 0.2})]) is None
     assert choose([run(64, {0.1: 0.30, 0.3: 0.25, 1.0: 0.2}), run(16, {0.1: 0.30, 0.3: 0.25, 1.0: 0.3})]) == 0.3
+    # other batch sizes are information, not part of the criterion
+    assert choose([run(64, {0.1: 0.30, 0.3: 0.25, 1.0: 0.2}), run(16, {0.1: 0.30, 0.3: 0.25, 1.0: 0.3}),
+                   run(8, {0.1: 0.1, 0.3: 0.9, 1.0: 0.9})]) == 0.3
     # within 0.1 point: the one closest to 0.1
     assert choose([run(64, {0.1: 0.3, 0.5: 0.2005, 1.0: 0.2}), run(16, {0.1: 0.3, 0.5: 0.2, 1.0: 0.2})]) == 0.5
 
