@@ -98,9 +98,10 @@ def measure(bundle: Path, stream: Path, clean: Path, recovery: Path, batch: int,
     start = adapter.meta_state()
     stats = {m: {n: start[n] for n in names} for m in momenta}
 
-    def predict(frames: np.ndarray, m: float) -> np.ndarray:
-        state = {**adapter.meta_state(), **stats[m]}
-        return adapter.predict_tensor(adapter.preprocess(frames), state=state).argmax(1)
+    def predict(frames: np.ndarray) -> dict[float, np.ndarray]:
+        """Every momentum's single-frame predictions: the parameters now, its statistics."""
+        t, now = adapter.preprocess(frames), adapter.meta_state()
+        return {m: adapter.predict_tensor(t, state={**now, **stats[m]}).argmax(1) for m in momenta}
 
     def step(frames: np.ndarray) -> np.ndarray:
         logits = adapter.step(frames)
@@ -109,30 +110,32 @@ def measure(bundle: Path, stream: Path, clean: Path, recovery: Path, batch: int,
             stats[m] = {n: (1 - m) * stats[m][n] + m * now[n] for n in names}
         return logits.argmax(1)
 
-    def clean_error(m: float) -> float:
-        return _errors([predict(cx[i:i + batch], m) for i in range(0, len(cx), batch)], cy)
-    clean_start = clean_error(momenta[0])
+    def clean_errors() -> dict[float, float]:
+        preds = [predict(cx[i:i + batch]) for i in range(0, len(cx), batch)]
+        return {m: _errors([p[m] for p in preds], cy) for m in momenta}
+    # before any step every momentum's statistics are the warmed-up ones: the adapter's own
+    clean_start = _errors([adapter.step(cx[i:i + batch], adapt=False).argmax(1) for i in range(0, len(cx), batch)], cy)
     results = {m: MomentumResult(m) for m in momenta}
     batch_err = []
     for rnd in range(rounds):
         single: dict[float, list[np.ndarray]] = {m: [] for m in momenta}
         own = []
         for i in range(0, len(x), batch):
-            for m in momenta:
-                single[m].append(predict(x[i:i + batch], m))
+            for m, pred in predict(x[i:i + batch]).items():
+                single[m].append(pred)
             own.append(step(x[i:i + batch]))
         batch_err.append(_errors(own, y))
         for m in momenta:
             results[m].single_frame_error.append(_errors(single[m], y))
         log.info("%s %s batch %d round %d: batch stats %.4f, single frames %s", split, generator, batch, rnd + 1,
                  batch_err[-1], {m: round(results[m].single_frame_error[-1], 4) for m in momenta})
-    for m in momenta:
-        results[m].clean_error = clean_error(m)
+    for m, err in clean_errors().items():
+        results[m].clean_error = err
     for k in range(1, max(RECOVERY_STEPS) + 1):
         step(rx[(k - 1) * batch:k * batch])
         if k in RECOVERY_STEPS:
-            for m in momenta:
-                results[m].recovery[k] = clean_error(m)
+            for m, err in clean_errors().items():
+                results[m].recovery[k] = err
     return Run(split, generator, seed, batch, rounds, batch_err, clean_start, [results[m] for m in momenta],
                round(time.perf_counter() - t0, 1),
                hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest())

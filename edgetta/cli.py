@@ -64,10 +64,9 @@ def cmd_export(a: argparse.Namespace) -> int:
             ckpt, source = ckpt_io.load(ckpt_path), ckpt_path.name
         options = {}
         if a.activation_bits is not None:
-            from dataclasses import replace
             from edgetta_export.lean import LeanOptions
             bits = None if a.activation_bits == "none" else int(a.activation_bits)
-            options["lean_options"] = replace(LeanOptions(), activation_bits=bits)
+            options["lean_options"] = LeanOptions(activation_bits=bits)
         manifest = host_bundle.export_bundle(
             ckpt, a.out, lr=a.lr, momentum=a.momentum, lam=a.lam, e0=a.e0,
             batch_size=a.batch, sparse_storage=not a.dense_storage, lean=not a.no_lean,

@@ -195,13 +195,14 @@ def merge_stop_gradient_twins(training: onnx.ModelProto) -> int:
     return removed
 
 
-def _per_sample_elems(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
+def _sample_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """The dimensions past the batch of every tensor of rank >= 2 whose value info ``graph``
+    declares with all of them known (a shape-inferred graph's)."""
     out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+    for vi in list(graph.value_info) + list(graph.output):
         dims = vi.type.tensor_type.shape.dim
         if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[1:]):
-            out[vi.name] = int(np.prod([d.dim_value for d in dims[1:]]))
+            out[vi.name] = [d.dim_value for d in dims[1:]]
     return out
 
 
@@ -365,17 +366,6 @@ def decompress_activation(c: CompressedActivation, sample_shape: list[int], like
         n("Add", [out + ".scaled", c.minimum], out + ".rows"),
         n("Reshape", [out + ".rows", const([-1, *sample_shape], np.int64)], out),
     ]
-
-
-def _sample_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """(C, H, W) of every 4-D tensor whose dimensions past the batch are known."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[1:]):
-            out[vi.name] = [d.dim_value for d in dims[1:]]
-    return out
 
 
 def frozen_conv_outputs(graph: onnx.GraphProto) -> set[str]:
@@ -696,8 +686,10 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     (ARM) it only adds two transposes. Returns how many nodes were rewritten."""
     twins = merge_stop_gradient_twins(training)
     moved = regularizer_backward_early(training)
-    spatial = spatial_dims(forward)
-    per_sample = _per_sample_elems(forward)
+    inferred = onnx.shape_inference.infer_shapes(forward).graph  # once, for the three size maps below
+    spatial = declared_spatial_dims(inferred)
+    sample = _sample_dims(inferred)
+    per_sample = {name: int(np.prod(dims)) for name, dims in sample.items()}
     consts = _Constants(training.graph)
     before: dict[int, list[onnx.NodeProto]] = {}
     bits = 0
@@ -715,7 +707,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     # conv weight gradients (X) read. Early readers (the regularizer's gradients, placed in the
     # forward pass) keep the exact float; the network's input is the caller's, held anyway.
     main = _backward(nodes, "logits_grad") if options.activation_bits else set()
-    shapes = _sample_shapes(forward) if main else {}
+    shapes = {name: dims for name, dims in sample.items() if len(dims) == 3}  # (C, H, W) of 4-D tensors
     compressed: dict[str, CompressedActivation] = {}
     compressed_bytes = 0
 
