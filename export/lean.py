@@ -555,6 +555,105 @@ def l1_gradient_in_place(nodes: list[onnx.NodeProto], outputs: set[str]) -> tupl
     return drop_unread(out, outputs), count
 
 
+# 2**126: any normal float32 times it is at least 1 in magnitude (exactly, a power of two)
+_SIGN_GAIN = float(2.0 ** 126)
+
+
+def cheaper_elementwise(nodes: list[onnx.NodeProto], consts: dict[str, tuple], const: "_Constants") -> dict[str, int]:
+    """Two elementwise ops that onnxruntime's CPU kernels run far slower than the ops they equal
+    (measured: docs/step_time.md), rewritten in place. ``Pow(d, 2)``, the batch-statistics
+    BatchNorms' variances (export/ecotta.py), as ``Mul(d, d)``: its Pow calls the general power
+    function per element. ``Sign(d)``, the regularizer's L1 gradient, as
+    ``Clip(d * 2**126, -1, 1)``: the same value for every normal float and zero (a subnormal
+    gives a magnitude below 1; none reach it from a meta network's output). Returns how many
+    of each."""
+    count = {"squares_as_mul": 0, "signs_as_clip": 0}
+    out: list[onnx.NodeProto] = []
+    for node in nodes:
+        name = node.name or node.output[0] + "_node"
+        if node.domain not in ("", "ai.onnx"):
+            out.append(node)
+        elif node.op_type == "Pow" and _scalar(consts, node.input[1]) == 2.0:
+            out.append(helper.make_node("Mul", [node.input[0], node.input[0]], list(node.output), name=name))
+            count["squares_as_mul"] += 1
+        elif node.op_type == "Sign":
+            scaled = node.output[0] + ".scaled"
+            out += [helper.make_node("Mul", [node.input[0], const(_SIGN_GAIN, np.float32)], [scaled],
+                                     name=scaled + "_node"),
+                    helper.make_node("Clip", [scaled, const(-1.0, np.float32), const(1.0, np.float32)],
+                                     list(node.output), name=name)]
+            count["signs_as_clip"] += 1
+        else:
+            out.append(node)
+    nodes[:] = out
+    return count
+
+
+def affines_as_batchnorm(nodes: list[onnx.NodeProto], dims: dict[str, list[int | None]],
+                         consts: dict[str, tuple], const: "_Constants", outputs: set[str]) -> int:
+    """``x * Reshape(s, [1, -1, 1, 1]) + Reshape(b, [1, -1, 1, 1])`` with ``s`` and ``b`` (C,)
+    vectors, where nothing else reads the product, as one inference-mode
+    ``BatchNormalization(x, s, b, mean 0, var 1, epsilon 0)``, in place: the batch-statistics
+    BatchNorms of the frozen backbone (export/ecotta.py's ``BatchStatNorm`` computes its scale
+    and shift from the batch and applies them so). One pass over x where the Mul and the Add
+    made two, and the same values: the kernel's scale is s / sqrt(1 + 0) = s and its shift
+    b - 0 * s = b. Whatever else reads s or b (the backward pass's Mul gradient reads the
+    reshaped s) keeps reading them. ``dims`` gives tensors' inferred dimensions (None where
+    unknown)."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
+
+    def channel_vector(name: str, channels: int) -> str | None:
+        r = nodes[producer[name]] if name in producer else None
+        if r is None or r.op_type != "Reshape" or len(r.input) != 2 or r.input[1] not in consts:
+            return None
+        _, dtype, _, raw = consts[r.input[1]]
+        if np.frombuffer(raw, dtype=np.dtype(dtype)).tolist() not in ([1, -1, 1, 1], [1, channels, 1, 1]):
+            return None
+        return r.input[0] if dims.get(r.input[0]) == [channels] else None
+
+    def affine(add: onnx.NodeProto) -> tuple[int, onnx.NodeProto] | None:
+        for j in (0, 1):
+            m_at = producer.get(add.input[j])
+            m = nodes[m_at] if m_at is not None else None
+            if (m is None or m.op_type != "Mul" or m.domain not in ("", "ai.onnx")
+                    or readers.get(m.output[0]) != 1 or m.output[0] in outputs):
+                continue
+            for k in (0, 1):
+                x = m.input[k]
+                shape = dims.get(x)
+                if shape is None or len(shape) != 4 or shape[1] is None:
+                    continue
+                c = shape[1]
+                scale, shift = channel_vector(m.input[1 - k], c), channel_vector(add.input[1 - j], c)
+                if scale is not None and shift is not None:
+                    zeros, ones = const(np.zeros(c), np.float32), const(np.ones(c), np.float32)
+                    return m_at, helper.make_node("BatchNormalization", [x, scale, shift, zeros, ones],
+                                                  list(add.output), name=(add.name or add.output[0]) + "_affine",
+                                                  epsilon=0.0)
+        return None
+
+    dropped: set[int] = set()
+    for i, node in enumerate(nodes):
+        if node.op_type == "Add" and node.domain in ("", "ai.onnx") and len(node.input) == 2:
+            found = affine(node)
+            if found is not None:
+                dropped.add(found[0])
+                nodes[i] = found[1]
+    nodes[:] = [n for i, n in enumerate(nodes) if i not in dropped]
+    return len(dropped)
+
+
+def inferred_dims(graph: onnx.GraphProto) -> dict[str, list[int | None]]:
+    """Every declared tensor's dimensions in a shape-inferred ``graph``, None where unknown."""
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
+            if vi.type.tensor_type.HasField("shape")}
+
+
 def ort_inferred_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, list[int | str | None]]]:
     """The element type and shape onnxruntime infers for the tensors ``names`` of ``model`` (its
     own shape inference, which knows its training ops): an int per known dimension, the
@@ -652,6 +751,10 @@ class LeanOptions:
     # the regularizer's L1 gradients without a full-size Expand of their scalar, and its forward
     # mean right after |d| (``l1_gradient_in_place``); on by default, the same gradients
     l1_gradient_in_place: bool = True
+    # elementwise work in cheaper kernels: Pow(d, 2) as Mul(d, d), Sign as a Mul and a Clip
+    # (``cheaper_elementwise``), the frozen backbone's batch-statistics scale-and-shift as one
+    # BatchNormalization (``affines_as_batchnorm``); on by default, the same values
+    fast_elementwise: bool = True
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (None, 8):
@@ -829,6 +932,12 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     l1_terms = 0
     if options.l1_gradient_in_place:
         ordered, l1_terms = l1_gradient_in_place(ordered, {o.name for o in training.graph.output})
+    cheaper, affines = {}, 0
+    if options.fast_elementwise:  # after l1_gradient_in_place, which finds its terms by their Sign
+        small = _small_constants(training.graph)
+        cheaper = cheaper_elementwise(ordered, small, consts)
+        affines = affines_as_batchnorm(ordered, inferred_dims(inferred), small, consts,
+                                       {o.name for o in training.graph.output})
     del training.graph.node[:]
     training.graph.node.extend(ordered)
     separated = separate_backward_buffers(training) if options.separate_backward_buffers else 0
@@ -839,4 +948,5 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             "activations_compressed": len(compressed),
             "activation_elements_compressed_per_sample": compressed_bytes,
             "regularizer_nodes_placed_early": moved,
-            "backward_tensors_separated": separated, "l1_gradients_in_place": l1_terms}
+            "backward_tensors_separated": separated, "l1_gradients_in_place": l1_terms,
+            **cheaper, "affines_as_batchnorm": affines}

@@ -21,7 +21,7 @@ def before_bundle(tiny_ckpt, tmp_path_factory):
     """The tiny checkpoint exported with every rewrite off: the graphs as they were before them."""
     out = tmp_path_factory.mktemp("lean_speed") / "before"
     export_bundle(tiny_ckpt, out, profile=False, lean_options=LeanOptions(
-        conv_input_gradients=False, gather_unpack=False, portable_gradients=False))
+        conv_input_gradients=False, gather_unpack=False, portable_gradients=False, fast_elementwise=False))
     return out
 
 
@@ -62,6 +62,25 @@ def test_masks_are_unpacked_by_one_gather_without_bitshift(tiny_bundle, before_b
         table = tables[n.input[0]]
         byte = np.arange(256)
         np.testing.assert_array_equal(table, ((byte[:, None] >> np.arange(8)) & 1).astype(table.dtype))
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_elementwise_work_runs_in_cheaper_kernels(tiny_bundle, before_bundle, graph):
+    """No Pow and no Sign left; each batch-statistics scale-and-shift of the frozen backbone
+    (a Mul and an Add) is one inference-mode BatchNormalization with mean 0, var 1, epsilon 0."""
+    def ops(path):
+        return [n.op_type for n in onnx.load(str(path)).graph.node]
+    before, after = ops(before_bundle / graph), ops(tiny_bundle / graph)
+    m = json.loads((tiny_bundle / "manifest.json").read_text())["training_graph"]["rewrites"]
+    assert before.count("Pow") == m["squares_as_mul"] > 0 and "Pow" not in after
+    assert before.count("Sign") == m["signs_as_clip"] > 0 and "Sign" not in after
+    assert after.count("BatchNormalization") - before.count("BatchNormalization") == m["affines_as_batchnorm"] > 0
+    assert before.count("Mul") - after.count("Mul") == m["affines_as_batchnorm"] - m["squares_as_mul"] - m["signs_as_clip"]
+    g = onnx.load(str(tiny_bundle / graph)).graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for n in (n for n in g.node if n.op_type == "BatchNormalization" and n.name.endswith("_affine")):
+        assert helper.get_attribute_value(next(a for a in n.attribute if a.name == "epsilon")) == 0.0
+        assert not consts[n.input[3]].any() and (consts[n.input[4]] == 1).all()
 
 
 def test_both_engines_adapt_as_before(tiny_bundle, before_bundle, corrupted_frames):

@@ -29,13 +29,14 @@ BATCH = 16
 @pytest.fixture(scope="module")
 def pair(tiny_ckpt, tmp_path_factory):
     """The tiny checkpoint exported with neither rewrite, with the backward pass's own batch
-    symbol, and with both rewrites."""
+    symbol, and with both rewrites (Sign kept as Sign, for the L1 gradient's test to find)."""
     root = tmp_path_factory.mktemp("workspace")
     out = {}
     for name, apart, l1 in (("shared", False, False), ("apart", True, False), ("bounded", True, True)):
         out[name] = root / name
         export_bundle(tiny_ckpt, out[name], profile=False, e0=10.0,
-                      lean_options=LeanOptions(separate_backward_buffers=apart, l1_gradient_in_place=l1))
+                      lean_options=LeanOptions(separate_backward_buffers=apart, l1_gradient_in_place=l1,
+                                               fast_elementwise=False))
     return out
 
 
