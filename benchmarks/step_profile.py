@@ -458,7 +458,8 @@ VARIANTS = ("before", "after")
 # the graphs as they were before issue 16's rewrites: ConvTranspose input gradients (depthwise
 # ones at stride 1 excepted), masks unpacked by two BitShifts, the portable step's meta conv
 # weight gradients as a Conv of transposed tensors
-BEFORE = LeanOptions(conv_input_gradients=False, gather_unpack=False, portable_gradients=False, activation_bits=None)
+BEFORE = LeanOptions(conv_input_gradients=False, gather_unpack=False, portable_gradients=False, activation_bits=None,
+                     fast_elementwise=False)
 
 
 def key(runner: str, variant: str) -> str:

@@ -63,10 +63,13 @@ def cmd_export(a: argparse.Namespace) -> int:
             ckpt_path = Path(a.checkpoint) if a.checkpoint else host_bundle.DEFAULT_CHECKPOINT
             ckpt, source = ckpt_io.load(ckpt_path), ckpt_path.name
         options = {}
-        if a.activation_bits is not None:
+        if a.activation_bits is not None or a.activation_rounding is not None:
             from edgetta_export.lean import LeanOptions
-            bits = None if a.activation_bits == "none" else int(a.activation_bits)
-            options["lean_options"] = LeanOptions(activation_bits=bits)
+            defaults = LeanOptions()
+            bits = (defaults.activation_bits if a.activation_bits is None else
+                    None if a.activation_bits == "none" else int(a.activation_bits))
+            options["lean_options"] = LeanOptions(
+                activation_bits=bits, activation_rounding=a.activation_rounding or defaults.activation_rounding)
         manifest = host_bundle.export_bundle(
             ckpt, a.out, lr=a.lr, momentum=a.momentum, lam=a.lam, e0=a.e0,
             batch_size=a.batch, sparse_storage=not a.dense_storage, lean=not a.no_lean,
@@ -240,9 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-profile", action="store_true",
                    help="skip the memory profile (one measured adaptation step) in the manifest")
     e.add_argument("--activation-bits", choices=["8", "none"], default=None,
-                   help="store the meta networks' kept inputs as 8-bit integers per sample and channel "
-                        "with stochastic rounding, or as float32 ('none'); default: the exporter's "
-                        "(docs/compressed_activations.md)")
+                   help="store the meta networks' kept inputs as 8-bit integers per sample and channel, "
+                        "or as float32 ('none'); default: the exporter's (docs/compressed_activations.md)")
+    e.add_argument("--activation-rounding", choices=["nearest", "stochastic"], default=None,
+                   help="how 8-bit kept inputs are rounded; default: the exporter's (nearest: one pass "
+                        "to store, one to restore)")
     own = e.add_argument_group("your own model and images (instead of --checkpoint)")
     own.add_argument("--arch", default=None,
                      help="zoo name (wrn16_2, resnet26, mobilenet_v2, mobilenet_v3s, ...) or "

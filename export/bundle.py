@@ -441,8 +441,10 @@ def export_bundle(ckpt: dict[str, Any], out_dir: str | os.PathLike, *, lr: float
             },
             "training_graph": {"lean": lean, "rewrites": rewrites,
                                # kept meta-network inputs stored as integers of this many bits
-                               # (lean.compress_activation; None: float32)
+                               # (lean.quantize_activation or compress_activation; None: float32)
                                "activation_bits": lean_options.activation_bits if lean else None,
+                               "activation_rounding": (lean_options.activation_rounding
+                                                       if lean and lean_options.activation_bits else None),
                                "note": "stop-gradient twins of the meta networks merged into the main "
                                        "branch; frozen convs' input gradients via ConvTranspose(dY, W); "
                                        "ReLU gradients from masks packed 8 signs to a byte (frozen convs' outputs in NHWC order, "

@@ -288,11 +288,14 @@ _LEVELS = 254.99  # see compress_activation
 @dataclass(frozen=True)
 class CompressedActivation:
     """The tensors that stand for a compressed forward tensor ``source`` in the backward pass:
-    ``data`` (N, C*H*W) uint8, ``step`` (N*C,) and ``minimum`` (N*C, 1) float, one per group."""
+    ``data`` (N, C*H*W) uint8 and, one per group, ``step`` (N*C,) float and either ``zero``
+    (N*C,) uint8, the zero point (rounding to nearest), or ``minimum`` (N*C, 1) float (stochastic
+    rounding)."""
     source: str
     data: str
     step: str
-    minimum: str
+    zero: str | None = None
+    minimum: str | None = None
 
 
 def compress_activation(x: str, sample_shape: list[int], const: _Constants, seed: int
@@ -312,7 +315,7 @@ def compress_activation(x: str, sample_shape: list[int], const: _Constants, seed
     steps draw different noise, two sessions (or engines) draw the same sequence."""
     n = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out + "_node", **kw)
     p = x + ".q8"
-    c = CompressedActivation(x, p + ".bytes", p + ".step", p + ".min")
+    c = CompressedActivation(x, p + ".bytes", p + ".step", minimum=p + ".min")
     nodes = [
         n("ReduceMin", [x], p + ".lo", axes=[2, 3], keepdims=1),
         n("ReduceMax", [x], p + ".hi", axes=[2, 3], keepdims=1),
@@ -332,6 +335,44 @@ def compress_activation(x: str, sample_shape: list[int], const: _Constants, seed
         # per group, as DequantizeLinear (per axis) and the Add after it read them
         n("Reshape", [p + ".step4", const([-1], np.int64)], c.step),
         n("Reshape", [p + ".lo", const([-1, 1], np.int64)], c.minimum),
+    ]
+    return nodes, c
+
+
+def quantize_activation(x: str, sample_shape: list[int], const: _Constants
+                        ) -> tuple[list[onnx.NodeProto], CompressedActivation]:
+    """Forward nodes storing the 4-D tensor ``x`` as 8-bit integers, one group per (sample,
+    channel), rounded to nearest by one ``QuantizeLinear`` per axis: ``q = round(x / step) +
+    zero``, ``step = (max(hi, 0) - min(lo, 0)) / 255``, ``zero = round(-min(lo, 0) / step)``: ONNX's
+    asymmetric uint8 scheme (its range holds 0, so that the zero point is an integer), with
+    groups as ``compress_activation`` explains. One pass over ``x`` (and the two reductions), where
+    stochastic rounding takes five, and ``DequantizeLinear`` restores it in one, where stochastic
+    rounding's minimum takes a second: docs/compressed_activations.md. Per element the restored
+    value is within half a step of the original."""
+    n = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out + "_node", **kw)
+    p = x + ".q8"
+    channels, rest = sample_shape[0], int(np.prod(sample_shape[1:]))
+    c = CompressedActivation(x, p + ".bytes", p + ".step", zero=p + ".zero")
+    zero = const(0.0, np.float32)
+    nodes = [
+        n("ReduceMin", [x], p + ".lo", axes=[2, 3], keepdims=1),
+        n("ReduceMax", [x], p + ".hi", axes=[2, 3], keepdims=1),
+        n("Min", [p + ".lo", zero], p + ".lo0"),
+        n("Max", [p + ".hi", zero], p + ".hi0"),
+        n("Sub", [p + ".hi0", p + ".lo0"], p + ".range"),
+        n("Max", [p + ".range", const(_MIN_RANGE, np.float32)], p + ".range_safe"),
+        n("Div", [p + ".range_safe", const(255.0, np.float32)], p + ".step4"),
+        n("Div", [p + ".lo0", p + ".step4"], p + ".lo_levels"),
+        n("Neg", [p + ".lo_levels"], p + ".zero_levels"),
+        n("Round", [p + ".zero_levels"], p + ".zero_round"),
+        n("Clip", [p + ".zero_round", zero, const(255.0, np.float32)], p + ".zero_clip"),
+        n("Cast", [p + ".zero_clip"], p + ".zero4", to=TensorProto.UINT8),
+        n("Reshape", [p + ".step4", const([-1], np.int64)], c.step),
+        n("Reshape", [p + ".zero4", const([-1], np.int64)], c.zero),
+        n("Reshape", [x, const([-1, rest], np.int64)], p + ".rows"),
+        n("QuantizeLinear", [p + ".rows", c.step, c.zero], p + ".u8", axis=0),
+        # kept flat, as compress_activation's
+        n("Reshape", [p + ".u8", const([-1, channels * rest], np.int64)], c.data),
     ]
     return nodes, c
 
@@ -362,8 +403,9 @@ def decompress_activation(c: CompressedActivation, sample_shape: list[int], like
         n("Mul", [out + ".batch", const([channels], np.int64)], out + ".groups"),
         n("Concat", [out + ".groups", const([rest], np.int64)], out + ".shape", axis=0),
         n("Reshape", [c.data, out + ".shape"], out + ".u8"),  # (N*C, H*W)
+    ] + ([n("DequantizeLinear", [out + ".u8", c.step, c.zero], out + ".rows", axis=0)] if c.zero else [
         n("DequantizeLinear", [out + ".u8", c.step], out + ".scaled", axis=0),
-        n("Add", [out + ".scaled", c.minimum], out + ".rows"),
+        n("Add", [out + ".scaled", c.minimum], out + ".rows")]) + [
         n("Reshape", [out + ".rows", const([-1, *sample_shape], np.int64)], out),
     ]
 
@@ -743,6 +785,10 @@ class LeanOptions:
     # them float32 (exact gradients: compare against torch with it off). Only 8 is implemented.
     # On by default: accuracy unchanged within 0.3 points (docs/compressed_activations.md).
     activation_bits: int | None = 8
+    # how they are rounded: "nearest" (``quantize_activation``: one QuantizeLinear, one
+    # DequantizeLinear) or "stochastic" (``compress_activation``, ActNN's unbiased rounding:
+    # five passes to store, two to restore)
+    activation_rounding: str = "nearest"
     # the main backward pass's tensors get a batch symbol of their own, so that onnxruntime's
     # allocation planner does not hand them the forward pass's buffers, which then stay allocated
     # through the whole step (``separate_backward_buffers``). On by default: the same gradients,
@@ -759,6 +805,8 @@ class LeanOptions:
     def __post_init__(self) -> None:
         if self.activation_bits not in (None, 8):
             raise ValueError(f"activation_bits must be 8 or None, got {self.activation_bits!r}")
+        if self.activation_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"activation_rounding must be 'nearest' or 'stochastic', got {self.activation_rounding!r}")
 
 
 def flipped_weights(w: np.ndarray, group: int) -> np.ndarray:
@@ -820,7 +868,8 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         if i not in main or x not in producer or x not in shapes:
             return
         if x not in compressed:
-            fwd, compressed[x] = compress_activation(x, shapes[x], consts, seed=len(compressed) + 1)
+            fwd, compressed[x] = (quantize_activation(x, shapes[x], consts) if options.activation_rounding == "nearest"
+                                  else compress_activation(x, shapes[x], consts, seed=len(compressed) + 1))
             after.setdefault(producer[x], []).extend(fwd)
             compressed_bytes += int(np.prod(shapes[x]))
         out = f"{x}.q8.restored{i}"
