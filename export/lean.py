@@ -219,11 +219,22 @@ class _Constants:
         return self.names[key]
 
 
+def packing_weights(width: int) -> np.ndarray:
+    """(width, width / 8) uint8: column j holds (1, 2, .., 128) at rows 8j .. 8j + 7, so that a row
+    of ``width`` booleans times it is their bytes, 8 signs each, in order."""
+    w = np.zeros((width, width // 8), np.uint8)
+    for j in range(width // 8):
+        w[8 * j:8 * j + 8, j] = 1 << np.arange(8)
+    return w
+
+
 def _pack_mask(y: str, zero: str, const: _Constants, nhwc: bool = False,
-               band: tuple[str, str] | None = None, tag: str = ".mask") -> list[onnx.NodeProto]:
-    """``y > 0`` packed 8 signs to a byte: rows of 8 booleans times (1, 2, .., 128). With
-    ``nhwc`` the signs are taken in NHWC order (see ``frozen_conv_outputs``). With ``band``
-    (lo, hi) the bit is ``lo < y < hi`` instead (a Clip's input: ReLU6's gradient)."""
+               band: tuple[str, str] | None = None, tag: str = ".mask", width: int = 8) -> list[onnx.NodeProto]:
+    """``y > 0`` packed 8 signs to a byte: rows of ``width`` booleans times ``packing_weights``
+    (one MatMulInteger; at width 64 onnxruntime's integer GEMM gets 8 output columns, not 1,
+    and runs about 3x faster: docs/step_time.md). With ``nhwc`` the signs are taken in NHWC
+    order (see ``frozen_conv_outputs``). With ``band`` (lo, hi) the bit is ``lo < y < hi``
+    instead (a Clip's input: ReLU6's gradient)."""
     n = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out + "_node", **kw)
     p = y + tag
     src = [n("Transpose", [y], p + ".nhwc", perm=[0, 2, 3, 1])] if nhwc else []
@@ -233,8 +244,8 @@ def _pack_mask(y: str, zero: str, const: _Constants, nhwc: bool = False,
              n("And", [p + ".above", p + ".below"], p)])
     return src + test + [
         n("Cast", [p], p + "_u8", to=TensorProto.UINT8),
-        n("Reshape", [p + "_u8", const([0, -1, 8], np.int64)], p + "_rows"),
-        n("MatMulInteger", [p + "_rows", const(1 << np.arange(8).reshape(8, 1), np.uint8)], p + "_i32"),
+        n("Reshape", [p + "_u8", const([0, -1, width], np.int64)], p + "_rows"),
+        n("MatMulInteger", [p + "_rows", const(packing_weights(width), np.uint8)], p + "_i32"),
         n("Cast", [p + "_i32"], p + "_bits", to=TensorProto.UINT8),
     ]
 
@@ -789,6 +800,9 @@ class LeanOptions:
     # DequantizeLinear) or "stochastic" (``compress_activation``, ActNN's unbiased rounding:
     # five passes to store, two to restore)
     activation_rounding: str = "nearest"
+    # ReLU masks packed from rows of 64 signs (8 bytes) per MatMulInteger rather than 8, where a
+    # sample's size allows (``_pack_mask``); the same bytes
+    wide_mask_packing: bool = True
     # the main backward pass's tensors get a batch symbol of their own, so that onnxruntime's
     # allocation planner does not hand them the forward pass's buffers, which then stay allocated
     # through the whole step (``separate_backward_buffers``). On by default: the same gradients,
@@ -878,6 +892,9 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         # its shape, for the portable step's rewrite of the gradient node (make_portable)
         training.graph.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [None, *shapes[x]]))
 
+    def pack_width(x: str) -> int:
+        return 64 if options.wide_mask_packing and per_sample.get(x, 1) % 64 == 0 else 8
+
     convs = relus = transposed = clipped = depthwise = to_conv = flipped_bytes = 0
     for i, node in enumerate(nodes):
         if i in clip_muls:  # ReLU6: one bit, lo < x < hi (torch's hardtanh gradient is strict too)
@@ -889,7 +906,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
                 band = (consts(lo, np.float32), consts(hi, np.float32))
                 masks[key] = x + ".band" + ("_bits" if packed else "")
                 after.setdefault(producer.get(x, -1), []).extend(
-                    _pack_mask(x, zero, consts, in_nhwc, band, ".band") if packed else
+                    _pack_mask(x, zero, consts, in_nhwc, band, ".band", width=pack_width(x)) if packed else
                     _pack_mask(x, zero, consts, False, band, ".band")[:3])
                 bits += packed
                 transposed += in_nhwc
@@ -958,7 +975,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             if y not in masks:
                 masks[y] = y + (".mask_bits" if packed else ".mask")
                 after.setdefault(producer.get(y, -1), []).extend(
-                    _pack_mask(y, zero, consts, in_nhwc) if packed else
+                    _pack_mask(y, zero, consts, in_nhwc, width=pack_width(y)) if packed else
                     [helper.make_node("Greater", [y, zero], [masks[y]], name=y + ".mask_node")])
                 bits += packed
                 transposed += in_nhwc

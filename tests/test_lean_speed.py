@@ -21,7 +21,8 @@ def before_bundle(tiny_ckpt, tmp_path_factory):
     """The tiny checkpoint exported with every rewrite off: the graphs as they were before them."""
     out = tmp_path_factory.mktemp("lean_speed") / "before"
     export_bundle(tiny_ckpt, out, profile=False, lean_options=LeanOptions(
-        conv_input_gradients=False, gather_unpack=False, portable_gradients=False, fast_elementwise=False))
+        conv_input_gradients=False, gather_unpack=False, portable_gradients=False, fast_elementwise=False,
+        wide_mask_packing=False))
     return out
 
 
@@ -62,6 +63,23 @@ def test_masks_are_unpacked_by_one_gather_without_bitshift(tiny_bundle, before_b
         table = tables[n.input[0]]
         byte = np.arange(256)
         np.testing.assert_array_equal(table, ((byte[:, None] >> np.arange(8)) & 1).astype(table.dtype))
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_masks_are_packed_from_rows_of_64_signs(tiny_bundle, before_bundle, graph):
+    """Where a sample's size is a multiple of 64, each MatMulInteger that packs a mask reads rows
+    of 64 signs against the block-diagonal weights (8 bytes per row), the others rows of 8."""
+    def packers(path):
+        g = onnx.load(str(path)).graph
+        consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        return [consts[n.input[1]] for n in g.node if n.op_type == "MatMulInteger"]
+    before, after = packers(before_bundle / graph), packers(tiny_bundle / graph)
+    assert len(before) == len(after) > 0 and all(w.shape == (8, 1) for w in before)
+    wide = [w for w in after if w.shape == (64, 8)]
+    assert wide and all(w.shape in ((8, 1), (64, 8)) for w in after)
+    bits = (np.random.default_rng(0).random((5, 64)) > 0.5).astype(np.int64)
+    np.testing.assert_array_equal(bits @ wide[0].astype(np.int64),
+                                  (bits.reshape(5, 8, 8) @ before[0].astype(np.int64)).reshape(5, 8))
 
 
 @pytest.mark.parametrize("graph", GRAPHS)
