@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activation-bits", choices=["8", "none"], default=None,
                    help="export edgetta's bundle with the meta networks' kept inputs compressed to this many "
                         "bits, or float32 ('none') (docs/compressed_activations.md; default: the exporter's)")
+    p.add_argument("--activation-rounding", choices=["nearest", "stochastic"], default=None,
+                   help="how those bits are rounded (default: the exporter's)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--doc", default=str(DOC), help="where the generated Markdown goes")
     p.add_argument("--smoke", action="store_true", help="tiny run: 2 kinds x 8 frames, one seed, severity 5, batch 4")
@@ -415,10 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     from edgetta_export.bundle import DEFAULT_CHECKPOINT
     ckpt_path = str(Path(DEFAULT_CHECKPOINT).resolve())
     from edgetta_export.lean import LeanOptions
-    bits = {} if a.activation_bits is None else {"lean_options": LeanOptions(
-        activation_bits=None if a.activation_bits == "none" else int(a.activation_bits))}
-    bundle = (export_cached_bundle(checkpoint.load(ckpt_path), f"default-bits-{a.activation_bits}" if bits else "default",
-                                   **bits) if "edgetta" in a.methods else None)
+    chosen = {k: v for k, v in (("activation_bits", a.activation_bits), ("activation_rounding", a.activation_rounding))
+              if v is not None}
+    if "activation_bits" in chosen:
+        chosen["activation_bits"] = None if a.activation_bits == "none" else int(a.activation_bits)
+    bits = {"lean_options": LeanOptions(**chosen)} if chosen else {}
+    name = "default" + "".join(f"-{k.split('_')[1]}-{v}" for k, v in sorted(chosen.items()))
+    bundle = export_cached_bundle(checkpoint.load(ckpt_path), name, **bits) if "edgetta" in a.methods else None
 
     from importlib.metadata import version
     command = ("python -m benchmarks.independent " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()

@@ -3,6 +3,8 @@ lean rewrite, and the lean rewrite with the meta networks' kept inputs compresse
 (``LeanOptions(activation_bits=8)``), and that with the backward pass's buffers apart
 (``separate_backward_buffers``, "separated") and also the regularizer's L1 gradients in place
 (``l1_gradient_in_place``, "bounded"), same model, same batches, measured side by side in one run.
+"stochastic" and "default" are today's exporter defaults with the kept inputs rounded
+stochastically and to nearest (the default): the lean graph's later rewrites are on in both.
 
     python -m benchmarks.step_memory --batches 16 64 --repeats 5
     python -m benchmarks.step_memory --models default wrn28_10 --graphs lean compressed \
@@ -49,7 +51,11 @@ GRAPHS = {"generated": dict(lean=False),
                                                                 l1_gradient_in_place=False)),
           # and the regularizer's L1 gradients without a full-size Expand
           "bounded": dict(lean=True, lean_options=LeanOptions(activation_bits=8, separate_backward_buffers=True,
-                                                              l1_gradient_in_place=True))}
+                                                              l1_gradient_in_place=True)),
+          # every default of today's exporter but the kept inputs' rounding, and the defaults
+          # (docs/compressed_activations.md, "Rounding to nearest")
+          "stochastic": dict(lean=True, lean_options=LeanOptions(activation_rounding="stochastic")),
+          "default": dict(lean=True, lean_options=LeanOptions())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -459,7 +459,7 @@ VARIANTS = ("before", "after")
 # ones at stride 1 excepted), masks unpacked by two BitShifts, the portable step's meta conv
 # weight gradients as a Conv of transposed tensors
 BEFORE = LeanOptions(conv_input_gradients=False, gather_unpack=False, portable_gradients=False, activation_bits=None,
-                     fast_elementwise=False, wide_mask_packing=False)
+                     fast_elementwise=False, wide_mask_packing=False, declared_unpack_shapes=False)
 
 
 def key(runner: str, variant: str) -> str:

@@ -803,6 +803,11 @@ class LeanOptions:
     # ReLU masks packed from rows of 64 signs (8 bytes) per MatMulInteger rather than 8, where a
     # sample's size allows (``_pack_mask``); the same bytes
     wide_mask_packing: bool = True
+    # the shapes of the main backward pass's unpacked masks declared with the backward batch
+    # symbol (onnxruntime cannot infer them through the Reshape to the gradient's batch), so that
+    # its planner hands them buffers freed earlier in the step instead of fresh allocations;
+    # without an arena each fresh allocation is page-faulted in (docs/step_time.md)
+    declared_unpack_shapes: bool = True
     # the main backward pass's tensors get a batch symbol of their own, so that onnxruntime's
     # allocation planner does not hand them the forward pass's buffers, which then stay allocated
     # through the whole step (``separate_backward_buffers``). On by default: the same gradients,
@@ -891,6 +896,8 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         node.input[1] = out
         # its shape, for the portable step's rewrite of the gradient node (make_portable)
         training.graph.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [None, *shapes[x]]))
+
+    main_backward = _backward(nodes, "logits_grad")
 
     def pack_width(x: str) -> int:
         return 64 if options.wide_mask_packing and per_sample.get(x, 1) % 64 == 0 else 8
@@ -984,6 +991,12 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
                 mask = f"{y}.mask.unpacked{i}"
                 before.setdefault(i, []).extend(_unpack_mask(masks[y], dy, mask, consts, in_nhwc,
                                                              options.gather_unpack))
+                if (options.declared_unpack_shapes and options.gather_unpack and not in_nhwc
+                        and options.separate_backward_buffers and i in main_backward):
+                    size = per_sample[y] // 8
+                    training.graph.value_info.extend([
+                        helper.make_tensor_value_info(mask + ".index", TensorProto.INT32, [BACKWARD_BATCH, size]),
+                        helper.make_tensor_value_info(mask + ".flat", TensorProto.FLOAT, [BACKWARD_BATCH, size, 8])])
             name = (node.name or f"relugrad{i}") + "_lean"
             nodes[i] = (helper.make_node("Mul", [dy, mask], [node.output[0]], name=name) if packed else
                         helper.make_node("Where", [mask, dy, zero], [node.output[0]], name=name))

@@ -22,7 +22,7 @@ def before_bundle(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("lean_speed") / "before"
     export_bundle(tiny_ckpt, out, profile=False, lean_options=LeanOptions(
         conv_input_gradients=False, gather_unpack=False, portable_gradients=False, fast_elementwise=False,
-        wide_mask_packing=False))
+        wide_mask_packing=False, declared_unpack_shapes=False))
     return out
 
 
@@ -80,6 +80,23 @@ def test_masks_are_packed_from_rows_of_64_signs(tiny_bundle, before_bundle, grap
     bits = (np.random.default_rng(0).random((5, 64)) > 0.5).astype(np.int64)
     np.testing.assert_array_equal(bits @ wide[0].astype(np.int64),
                                   (bits.reshape(5, 8, 8) @ before[0].astype(np.int64)).reshape(5, 8))
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_unpacked_masks_have_shapes_onnxruntime_can_plan(tiny_bundle, before_bundle, graph):
+    """The main backward pass's unpacked masks are declared (backward batch, bytes per sample, 8):
+    onnxruntime's own shape inference then knows them (without the declaration it does not)."""
+    from edgetta.profile import BACKWARD_BATCH
+    from edgetta_export.lean import ort_inferred_shapes
+    model = onnx.load(str(tiny_bundle / graph))
+    declared = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+                for vi in model.graph.value_info if vi.name.endswith(".flat") and ".mask.unpacked" in vi.name}
+    assert declared and all(d[0] == BACKWARD_BATCH and d[2] == 8 for d in declared.values())
+    inferred = ort_inferred_shapes(model, list(declared))
+    assert {n: s for n, (_, s) in inferred.items()} == declared
+    before = onnx.load(str(before_bundle / graph))
+    known = ort_inferred_shapes(before, list(declared))
+    assert all(None in s or not s for _, s in known.values())
 
 
 @pytest.mark.parametrize("graph", GRAPHS)
