@@ -109,7 +109,7 @@ def cmd_adapt(a: argparse.Namespace) -> int:
         if a.batch < 1 or (a.limit is not None and a.limit < 1):
             raise ValueError("--batch and --limit must be at least 1")
         adapter = Adapter.load(a.bundle, engine=a.engine, provider=a.provider, lr=a.lr,
-                               threads=a.threads, anchor=a.anchor)
+                               threads=a.threads, anchor=a.anchor, memory_arena=a.memory_arena)
     except (EdgettaError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -217,6 +217,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="execution provider (auto: CUDA where this onnxruntime has it)")
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime threads (default: onnxruntime's, all cores)")
+    p.add_argument("--memory-arena", action="store_true",
+                   help="keep onnxruntime's memory arena: faster steps (no page faults for each step's tensors), higher peak memory (docs/step_time.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

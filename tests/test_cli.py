@@ -73,3 +73,19 @@ def test_host_tool_errors_are_one_line(tmp_path):
         r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_memory_arena_flag_adapts_alike(tiny_bundle):
+    """``--memory-arena`` only changes onnxruntime's allocator: the same report, accuracy included."""
+    from edgetta.cli import build_parser
+    from edgetta.serve.config import ServeConfig
+    reports = []
+    for flag in ([], ["--memory-arena"]):
+        r = subprocess.run([sys.executable, "-m", "edgetta", "adapt", str(tiny_bundle), "--limit", "64",
+                            "--batch", "16", "--quiet", "--json", "--threads", "1", *flag],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        reports.append(json.loads(r.stdout))
+    assert reports[0]["accuracy_adapted"] == reports[1]["accuracy_adapted"]
+    a = build_parser().parse_args(["serve", str(tiny_bundle), "--source", "x", "--memory-arena"])
+    assert ServeConfig.from_args(a).memory_arena
