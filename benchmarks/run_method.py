@@ -100,7 +100,8 @@ class TorchRunner:
 class EdgettaRunner:
     def __init__(self, a: argparse.Namespace):
         from edgetta import Adapter
-        self.adapter = Adapter.load(a.bundle, engine="ort-training", lr=a.lr, threads=a.threads)
+        self.adapter = Adapter.load(a.bundle, engine=a.engine, lr=a.lr, threads=a.threads,
+                                    memory_arena=a.memory_arena)
         import onnxruntime  # loaded by the Adapter already; only its version is read here
         self.adapt = not a.no_adapt
         self.input_size = self.adapter.bundle.input_size[0]
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="override the method's learning rate")
     p.add_argument("--cotta-augmentations", type=int, default=None)
     p.add_argument("--no-adapt", action="store_true", help="edgetta: inference only (adapt=False)")
+    p.add_argument("--engine", default="ort-training", choices=["ort-training", "onnx"],
+                   help="edgetta: the engine (onnx: the portable step)")
+    p.add_argument("--memory-arena", action="store_true", help="edgetta: Adapter(memory_arena=True)")
     p.add_argument("--contiguous-input", action="store_true",
                    help="torch methods: NCHW-contiguous input instead of edgetta_export.train.to_tensor's channels-last "
                         "strides (PyTorch 2.13's CPU backward segfaults for EcoTTA on ResNet-50 at 224x224 with "
@@ -190,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     pred = np.concatenate(preds)
     ms = np.array(times) * 1e3
     out = {
-        "method": a.method + ("_no_adapt" if a.no_adapt else ""), "batch": a.batch, "frames": int(len(images)), "batches": n_batches,
+        "method": a.method + ("_no_adapt" if a.no_adapt else ""), "batch": a.batch,
+        **({"engine": a.engine, "memory_arena": a.memory_arena} if a.method == "edgetta" else {}),
+        "frames": int(len(images)), "batches": n_batches,
         "threads": a.threads, "seed": a.seed, "model": a.model or None,
         "malloc": ("pinned" if a.method == "edgetta" else "default") if a.malloc == "auto" else a.malloc,
         "ms_per_batch": float(np.median(ms[1:] if len(ms) > 1 else ms)),

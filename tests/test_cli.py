@@ -89,3 +89,18 @@ def test_memory_arena_flag_adapts_alike(tiny_bundle):
     assert reports[0]["accuracy_adapted"] == reports[1]["accuracy_adapted"]
     a = build_parser().parse_args(["serve", str(tiny_bundle), "--source", "x", "--memory-arena"])
     assert ServeConfig.from_args(a).memory_arena
+
+
+def test_memory_arena_is_one_shared_arena_and_adapts_alike(tiny_bundle, corrupted_frames):
+    """In one process: Adapters with the arena share one registered arena (a second one loads),
+    and steps give what they give without it."""
+    import numpy as np
+    from edgetta.adapter import Adapter
+    frames = corrupted_frames[0][:16]
+    ref = Adapter.load(tiny_bundle, engine="onnx", threads=1)
+    expected = [ref.step(frames) for _ in range(2)]
+    for _ in range(2):
+        a = Adapter.load(tiny_bundle, engine="onnx", threads=1, memory_arena=True)
+        got = [a.step(frames) for _ in range(2)]
+        for e, g in zip(expected, got):
+            np.testing.assert_array_equal(e, g)
