@@ -101,14 +101,16 @@ def test_unpacked_masks_have_shapes_onnxruntime_can_plan(tiny_bundle, before_bun
 
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_elementwise_work_runs_in_cheaper_kernels(tiny_bundle, before_bundle, graph):
-    """No Pow and no Sign left; each batch-statistics scale-and-shift of the frozen backbone
-    (a Mul and an Add) is one inference-mode BatchNormalization with mean 0, var 1, epsilon 0."""
+    """No Pow and no Sign left; each batch mean over (N, H, W) is two ReduceMeans; each
+    batch-statistics scale-and-shift of the frozen backbone (a Mul and an Add) is one
+    inference-mode BatchNormalization with mean 0, var 1, epsilon 0."""
     def ops(path):
         return [n.op_type for n in onnx.load(str(path)).graph.node]
     before, after = ops(before_bundle / graph), ops(tiny_bundle / graph)
     m = json.loads((tiny_bundle / "manifest.json").read_text())["training_graph"]["rewrites"]
     assert before.count("Pow") == m["squares_as_mul"] > 0 and "Pow" not in after
     assert before.count("Sign") == m["signs_as_clip"] > 0 and "Sign" not in after
+    assert after.count("ReduceMean") - before.count("ReduceMean") == m["batch_means_in_two"] > 0
     assert after.count("BatchNormalization") - before.count("BatchNormalization") == m["affines_as_batchnorm"] > 0
     assert before.count("Mul") - after.count("Mul") == m["affines_as_batchnorm"] - m["squares_as_mul"] - m["signs_as_clip"]
     g = onnx.load(str(tiny_bundle / graph)).graph
