@@ -608,6 +608,76 @@ def l1_gradient_in_place(nodes: list[onnx.NodeProto], outputs: set[str]) -> tupl
     return drop_unread(out, outputs), count
 
 
+def stable_topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every node follows the producers of its inputs, as close to
+    the given order as that allows (of the nodes ready, the earliest given goes first)."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    users: dict[int, list[int]] = {}
+    waiting = []
+    for i, n in enumerate(nodes):
+        deps = {producer[x] for x in n.input if x in producer and producer[x] != i}
+        waiting.append(len(deps))
+        for j in deps:
+            users.setdefault(j, []).append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        i = heapq.heappop(ready)
+        out.append(nodes[i])
+        for u in users.get(i, []):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(out) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    return out
+
+
+def stats_from_batchnorms(nodes: list[onnx.NodeProto], const: "_Constants") -> int:
+    """The meta BatchNorms' batch statistics that the graph outputs for the device's running
+    statistics (export/ecotta.py: a mean and a biased variance by ReduceMeans, passes of their
+    own over the BatchNorm's full-size input) taken from what the training-mode BatchNorm
+    computes anyway: its saved mean, and ``1 / inv_std**2 - epsilon`` for the variance (clipped
+    at 0). The same values up to float rounding, relative to var + epsilon. In place; returns how
+    many statistics."""
+    def axes(n: onnx.NodeProto) -> tuple[list[int], int]:
+        a = node_attrs(n)
+        return sorted(a.get("axes", [])), a.get("keepdims", 1)
+
+    producer = {o: n for n in nodes for o in n.output if o}
+    norms = {n.input[0]: n for n in nodes if n.op_type == "BatchNormInternal" and len(n.output) >= 5
+             and n.output[3] and n.output[4]}
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    for i, node in enumerate(nodes):
+        if node.op_type != "ReduceMean" or len(node.input) != 1 or axes(node) != ([0, 2, 3], 0):
+            continue
+        x = node.input[0]
+        if x in norms:  # the mean
+            replaced[i] = [helper.make_node("Identity", [norms[x].output[3]], list(node.output), name=node.name)]
+            continue
+        sq = producer.get(x)  # the variance: mean((x - mean(x))**2)
+        if sq is None or not (sq.op_type == "Mul" and sq.input[0] == sq.input[1]
+                              or sq.op_type == "Pow"):
+            continue
+        d = producer.get(sq.input[0])
+        m = producer.get(d.input[1]) if d is not None and d.op_type == "Sub" else None
+        if (m is None or m.op_type != "ReduceMean" or axes(m)[0] != [0, 2, 3] or m.input[0] != d.input[0]
+                or d.input[0] not in norms):
+            continue
+        bn = norms[d.input[0]]
+        eps = float(node_attrs(bn).get("epsilon", 1e-5))
+        p = node.output[0] + ".from_inv_std"
+        replaced[i] = [
+            helper.make_node("Mul", [bn.output[4], bn.output[4]], [p + ".inv_var"], name=p + ".inv_var_node"),
+            helper.make_node("Reciprocal", [p + ".inv_var"], [p + ".var_eps"], name=p + ".var_eps_node"),
+            helper.make_node("Sub", [p + ".var_eps", const(eps, np.float32)], [p + ".var"], name=p + ".var_node"),
+            helper.make_node("Max", [p + ".var", const(0.0, np.float32)], list(node.output), name=node.name),
+        ]
+    nodes[:] = stable_topological([m for i, n in enumerate(nodes) for m in replaced.get(i, [n])])
+    return len(replaced)
+
+
 # 2**126: any normal float32 times it is at least 1 in magnitude (exactly, a power of two)
 _SIGN_GAIN = float(2.0 ** 126)
 
@@ -1021,8 +1091,10 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     l1_terms = 0
     if options.l1_gradient_in_place:
         ordered, l1_terms = l1_gradient_in_place(ordered, {o.name for o in training.graph.output})
-    cheaper, affines = {}, 0
+    cheaper, affines, stats = {}, 0, 0
     if options.fast_elementwise:  # after l1_gradient_in_place, which finds its terms by their Sign
+        stats = stats_from_batchnorms(ordered, consts)  # before the batch means are split in two
+        ordered[:] = drop_unread(ordered, {o.name for o in training.graph.output})
         small = _small_constants(training.graph)
         cheaper = cheaper_elementwise(ordered, small, consts)
         affines = affines_as_batchnorm(ordered, inferred_dims(inferred), small, consts,
@@ -1038,4 +1110,5 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             "activation_elements_compressed_per_sample": compressed_bytes,
             "regularizer_nodes_placed_early": moved,
             "backward_tensors_separated": separated, "l1_gradients_in_place": l1_terms,
-            **cheaper, "affines_as_batchnorm": affines}
+            **cheaper, "affines_as_batchnorm": affines,
+            "statistics_from_batchnorms": stats}
