@@ -3,8 +3,9 @@ lean rewrite, and the lean rewrite with the meta networks' kept inputs compresse
 (``LeanOptions(activation_bits=8)``), and that with the backward pass's buffers apart
 (``separate_backward_buffers``, "separated") and also the regularizer's L1 gradients in place
 (``l1_gradient_in_place``, "bounded"), same model, same batches, measured side by side in one run.
-"stochastic" and "default" are today's exporter defaults with the kept inputs rounded
-stochastically and to nearest (the default): the lean graph's later rewrites are on in both.
+"default" is today's exporter defaults; "stochastic" the same with the kept inputs rounded
+stochastically, and "no_fast_elementwise", "no_wide_packing", "no_declared_shapes" the same with
+that rewrite off (docs/speed.md).
 
     python -m benchmarks.step_memory --batches 16 64 --repeats 5
     python -m benchmarks.step_memory --models default wrn28_10 --graphs lean compressed \
@@ -55,6 +56,10 @@ GRAPHS = {"generated": dict(lean=False),
           # every default of today's exporter but the kept inputs' rounding, and the defaults
           # (docs/compressed_activations.md, "Rounding to nearest")
           "stochastic": dict(lean=True, lean_options=LeanOptions(activation_rounding="stochastic")),
+          # and each of the step-time rewrites of 2026-12-01 off (docs/speed.md)
+          "no_fast_elementwise": dict(lean=True, lean_options=LeanOptions(fast_elementwise=False)),
+          "no_wide_packing": dict(lean=True, lean_options=LeanOptions(wide_mask_packing=False)),
+          "no_declared_shapes": dict(lean=True, lean_options=LeanOptions(declared_unpack_shapes=False)),
           "default": dict(lean=True, lean_options=LeanOptions())}
 
 
@@ -64,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--models", nargs="+", default=["default"],
                    help="'default' (--checkpoint) or untrained zoo models (e.g. wrn28_10, resnet50)")
-    p.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS))
+    p.add_argument("--graphs", nargs="+", choices=list(GRAPHS),
+                   default=["generated", "lean", "compressed", "separated", "bounded"])
     p.add_argument("--engines", nargs="+", choices=["ort-training", "onnx"], default=["ort-training"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per point (median kept)")
