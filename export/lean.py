@@ -974,8 +974,11 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         out = f"{x}.q8.restored{i}"
         before.setdefault(i, []).extend(decompress_activation(compressed[x], shapes[x], dy, out, consts))
         node.input[1] = out
-        # its shape, for the portable step's rewrite of the gradient node (make_portable)
-        training.graph.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [None, *shapes[x]]))
+        # its shape, for the portable step's rewrite of the gradient node (make_portable); with the
+        # backward batch symbol, onnxruntime knows the shapes computed from it, and its planner
+        # reuses freed buffers for them rather than allocating afresh (declared_unpack_shapes)
+        batch = BACKWARD_BATCH if options.declared_unpack_shapes and options.separate_backward_buffers else None
+        training.graph.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch, *shapes[x]]))
 
     main_backward = _backward(nodes, "logits_grad")
 
