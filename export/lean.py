@@ -13,7 +13,8 @@ gradient is wanted). This pass rewrites, in the generated training graph:
 - ``Clip(x, lo, hi)``'s gradient (ReLU6; generated as ``Mul(dY, Cast(x >= lo and x <= hi))``,
   which keeps x) -> ``Mul(dY, mask)`` with ``lo < x < hi`` packed like the ReLU masks;
 - ``ReluGrad(dY, Y)`` -> ``Mul(dY, mask)`` with ``mask = Greater(Y, 0)`` computed right after
-  the forward ReLU, packed 8 signs to a byte (``MatMulInteger`` by 1, 2, .., 128) and unpacked
+  the forward ReLU, packed 8 signs to a byte (``MatMulInteger`` of rows of 64 signs by
+  block-diagonal weights 1, 2, .., 128: ``packing_weights``) and unpacked
   to 0.0/1.0 right before its use by one ``Gather`` of each byte's row of a 256 x 8 table: 1 bit
   kept instead of a 4-byte float.
   (``Where(mask, dY, 0)`` would do the same, but onnxruntime's CPU ``Where`` allocates two
@@ -27,10 +28,10 @@ standard ONNX. Residual additions, pooling and the classifier are unchanged.
 
 What the meta networks' own gradients read (``BatchNormalizationGrad``'s input, ``ConvGrad``'s
 input where a weight gradient is wanted) stays at full width; with ``LeanOptions.activation_bits``
-(8, the default) each such tensor is stored as 8-bit integers per (sample, channel) with
-stochastic rounding right after the forward pass computes it, and decompressed right before the
-backward pass reads it (``compress_activation``, ``decompress_activation``;
-docs/compressed_activations.md). The regularizer's gradients, computed during the forward pass,
+(8, the default) each such tensor is stored as 8-bit integers per (sample, channel), rounded to
+nearest (``quantize_activation``) or stochastically (``compress_activation``), right after the
+forward pass computes it, and decompressed right before the backward pass reads it
+(``decompress_activation``; docs/compressed_activations.md). The regularizer's gradients, computed during the forward pass,
 read the exact floats.
 
 A pass runs first, on the EcoTTA structure of the graph:
@@ -55,6 +56,12 @@ Two passes bound the step's workspace (docs/workspace.md), both on by default:
   pass's buffers (which then stayed allocated through the whole step);
 - ``l1_gradient_in_place``: the regularizer's L1 gradients multiply ``Sign(d)`` by their scalar
   instead of a full-size ``Expand`` of it, and the forward mean follows ``|d|`` at once.
+
+And two for speed (docs/speed.md), on by default: ``fast_elementwise`` (``cheaper_elementwise``,
+``affines_as_batchnorm``, ``stats_from_batchnorms``: elementwise work and reductions in faster
+kernels that compute the same) and ``declared_unpack_shapes`` (shapes onnxruntime cannot infer,
+declared so that its planner reuses freed buffers instead of allocating, and page-faulting in,
+new ones).
 """
 from __future__ import annotations
 
