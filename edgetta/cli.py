@@ -63,13 +63,20 @@ def cmd_export(a: argparse.Namespace) -> int:
             ckpt_path = Path(a.checkpoint) if a.checkpoint else host_bundle.DEFAULT_CHECKPOINT
             ckpt, source = ckpt_io.load(ckpt_path), ckpt_path.name
         options = {}
-        if a.activation_bits is not None or a.activation_rounding is not None:
+        if a.activation_bits is not None or a.activation_rounding is not None or a.lean_off:
+            from dataclasses import fields
+
             from edgetta_export.lean import LeanOptions
             defaults = LeanOptions()
+            switches = [f.name for f in fields(LeanOptions) if isinstance(getattr(defaults, f.name), bool)]
+            unknown = [n for n in a.lean_off if n not in switches]
+            if unknown:
+                raise ValueError(f"--lean-off: no rewrite {unknown[0]!r} (choose from {', '.join(switches)})")
             bits = (defaults.activation_bits if a.activation_bits is None else
                     None if a.activation_bits == "none" else int(a.activation_bits))
             options["lean_options"] = LeanOptions(
-                activation_bits=bits, activation_rounding=a.activation_rounding or defaults.activation_rounding)
+                activation_bits=bits, activation_rounding=a.activation_rounding or defaults.activation_rounding,
+                **{n: False for n in a.lean_off})
         manifest = host_bundle.export_bundle(
             ckpt, a.out, lr=a.lr, momentum=a.momentum, lam=a.lam, e0=a.e0,
             batch_size=a.batch, sparse_storage=not a.dense_storage, lean=not a.no_lean,
@@ -247,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--activation-bits", choices=["8", "none"], default=None,
                    help="store the meta networks' kept inputs as 8-bit integers per sample and channel, "
                         "or as float32 ('none'); default: the exporter's (docs/compressed_activations.md)")
+    e.add_argument("--lean-off", nargs="+", default=[], metavar="REWRITE",
+                   help="turn these rewrites of the lean graph off, by LeanOptions name (e.g. fast_elementwise, "
+                        "separate_backward_buffers), to measure or rule one out; default: all on")
     e.add_argument("--activation-rounding", choices=["nearest", "stochastic"], default=None,
                    help="how 8-bit kept inputs are rounded; default: the exporter's (nearest: one pass "
                         "to store, one to restore)")

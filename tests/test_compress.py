@@ -281,3 +281,24 @@ def test_export_command_chooses_the_rounding(tiny_ckpt, tmp_path):
         assert graph["activation_bits"] == 8 and graph["activation_rounding"] == rounding
         ops = {n.op_type for n in onnx.load(str(out / GRAPHS["ort-training"])).graph.node}
         assert ("RandomUniform" in ops) == (rounding == "stochastic") and ("QuantizeLinear" in ops) == (rounding == "nearest")
+
+
+def test_export_command_turns_rewrites_off_by_name(tiny_ckpt, tmp_path, capsys):
+    """``edgetta export --lean-off NAME``: the rewrite is off in the graph; an unknown name is one
+    line and exit 2."""
+    from edgetta.cli import main
+    from edgetta_export import checkpoint
+    ckpt = tmp_path / "tiny.pt"
+    checkpoint.save(ckpt, tiny_ckpt)
+    out = tmp_path / "off"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--no-profile",
+                 "--lean-off", "fast_elementwise", "wide_mask_packing"]) == 0
+    rewrites = json.loads((out / "manifest.json").read_text())["training_graph"]["rewrites"]
+    assert "squares_as_mul" not in rewrites and rewrites["activations_compressed"] > 0
+    ops = [n.op_type for n in onnx.load(str(out / GRAPHS["ort-training"])).graph.node]
+    assert "Pow" in ops and "Sign" in ops
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bad"), "--no-profile",
+                 "--lean-off", "no_such_rewrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_rewrite" in err[0] and "fast_elementwise" in err[0]
