@@ -664,8 +664,7 @@ def stats_from_batchnorms(nodes: list[onnx.NodeProto], const: "_Constants") -> i
             replaced[i] = [helper.make_node("Identity", [norms[x].output[3]], list(node.output), name=node.name)]
             continue
         sq = producer.get(x)  # the variance: mean((x - mean(x))**2)
-        if sq is None or not (sq.op_type == "Mul" and sq.input[0] == sq.input[1]
-                              or sq.op_type == "Pow"):
+        if sq is None or sq.op_type != "Mul" or sq.input[0] != sq.input[1]:
             continue
         d = producer.get(sq.input[0])
         m = producer.get(d.input[1]) if d is not None and d.op_type == "Sub" else None
