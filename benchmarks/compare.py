@@ -28,6 +28,7 @@ Results: ``benchmarks/results/compare.json`` (a suite run replaces only its own 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import shlex
@@ -121,14 +122,15 @@ def memory_config(a: argparse.Namespace, model: str) -> dict[str, Any]:
             "cotta_augmentations": (a.memory_cotta_augmentations or 32) if zoo else 32}
 
 
-def _without_methods(results: dict, methods: set[str]) -> dict:
-    """``results`` (method -> result, perhaps below batch keys) less ``methods`` and less every
-    method that uses the warmed-up meta networks (they may come from another warm-up)."""
+def kept_results(results: dict, methods: set[str], same_warmup: bool) -> dict:
+    """What a run of ``methods`` keeps of an earlier run's ``results`` (method -> result, perhaps
+    below batch keys): every other method's, except, unless ``same_warmup`` (the checkpoint file
+    is byte for byte the one the earlier run used), those that use the warmed-up meta networks."""
     out = {}
     for k, v in results.items():
-        if k in methods or (k in METHODS and METHODS[k].meta):
+        if k in methods or (k in METHODS and METHODS[k].meta and not same_warmup):
             continue
-        out[k] = _without_methods(v, methods) if isinstance(v, dict) and k.isdigit() else v
+        out[k] = kept_results(v, methods, same_warmup) if isinstance(v, dict) and k.isdigit() else v
     return out
 
 
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                                       else Path(ckpt_path).stem)
         jobs = plan(a, ckpt_path, bundle)
         config = {"command": command, "methods": a.methods, "threads": a.threads, "seed": a.seed,
-                  "checkpoint": os.path.relpath(ckpt_path, ROOT), "smoke": a.smoke,
+                  "checkpoint": os.path.relpath(ckpt_path, ROOT),
+                  "checkpoint_sha256": hashlib.sha256(Path(ckpt_path).read_bytes()).hexdigest(), "smoke": a.smoke,
                   "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                               "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}}
@@ -238,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             pc = prev.get("config", {})
             same = all(pc.get(k) == data[s]["config"].get(k) for k in (*suite_cfg[s], "checkpoint", "threads", "seed", "smoke"))
             if same:
-                kept = _without_methods(prev.get("results", {}), set(a.methods))
+                same_warmup = pc.get("checkpoint_sha256") == config["checkpoint_sha256"]
+                kept = kept_results(prev.get("results", {}), set(a.methods), same_warmup)
                 data[s]["results"] = kept
                 data[s]["config"]["partial_commands"] = list(dict.fromkeys(
                     pc.get("partial_commands", [pc.get("command")]) + [command]))

@@ -234,3 +234,16 @@ def test_ecotta_paper_runs_on_source_statistics_and_needs_the_paper_variant(tiny
     assert eco.step(_x(0)).shape[0] == _x(0).shape[0]
     with pytest.raises(ValueError, match="paper-variant"):  # warmed up without it: no paper meta networks
         methods.create("ecotta_paper", {**tiny_ckpt, "warmup": {}})
+
+
+def test_partial_compare_run_keeps_other_methods_and_meta_rows_only_from_the_same_warmup():
+    """A run of some methods replaces those; the meta-network methods' rows of an earlier run stay
+    only when the checkpoint (their warm-up) is byte for byte the same."""
+    from benchmarks.compare import kept_results
+    results = {"tent": {"error": 0.23}, "ecotta_torch": {"error": 0.19}, "edgetta": {"error": 0.2},
+               "16": {"tent": {"error": 0.24}, "ecotta_paper": {"error": 0.21}, "edgetta": {"error": 0.22}}}
+    same = kept_results(results, {"edgetta"}, same_warmup=True)
+    assert same == {"tent": {"error": 0.23}, "ecotta_torch": {"error": 0.19},
+                    "16": {"tent": {"error": 0.24}, "ecotta_paper": {"error": 0.21}}}
+    other = kept_results(results, {"edgetta"}, same_warmup=False)
+    assert other == {"tent": {"error": 0.23}, "16": {"tent": {"error": 0.24}}}
