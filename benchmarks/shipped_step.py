@@ -86,7 +86,8 @@ def measure(model: str, batch: int, steps: int, rounds: int, timeout: float,
             if "failed" in out:
                 raise RuntimeError(f"{model} {r.key}: {out['failed']}")
             runs[r.key].append(out)
-    torch_ms = float(np.median([o["ms_per_batch"] for o in runs["ecotta_torch"]])) if "ecotta_torch" in runs else None
+    torch_ms = (float(np.median([round(o["ms_per_batch"], 1) for o in runs["ecotta_torch"]]))
+                if "ecotta_torch" in runs else None)
     result = []
     for r in runners:
         ms = [round(o["ms_per_batch"], 1) for o in runs[r.key]]

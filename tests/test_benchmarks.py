@@ -247,3 +247,15 @@ def test_partial_compare_run_keeps_other_methods_and_meta_rows_only_from_the_sam
                     "16": {"tent": {"error": 0.24}, "ecotta_paper": {"error": 0.21}}}
     other = kept_results(results, {"edgetta"}, same_warmup=False)
     assert other == {"tent": {"error": 0.23}, "16": {"tent": {"error": 0.24}}}
+
+
+@pytest.mark.slow  # two bundle exports and two fresh processes: about a minute here
+def test_shipped_step_times_runners_in_fresh_processes():
+    from benchmarks.shipped_step import RUNNERS, measure
+    runners = [r for r in RUNNERS if r.key in ("ecotta_torch", "edgetta_arena")]
+    got = {m.runner: m for m in measure("wrn16_2", batch=8, steps=2, rounds=1, timeout=600, runners=runners)}
+    assert set(got) == {"ecotta_torch", "edgetta_arena"}
+    assert got["ecotta_torch"].ratio_to_torch == 1.0
+    assert got["edgetta_arena"].ms_per_step > 0 and got["edgetta_arena"].peak_rss_mib > 50
+    assert got["edgetta_arena"].ratio_to_torch == pytest.approx(
+        got["edgetta_arena"].ms_per_step / got["ecotta_torch"].ms_per_step, rel=0.01)
