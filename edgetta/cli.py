@@ -225,7 +225,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime threads (default: onnxruntime's, all cores)")
     p.add_argument("--memory-arena", action="store_true",
-                   help="keep onnxruntime's memory arena: faster steps (no page faults for each step's tensors), higher peak memory (docs/step_time.md)")
+                   help="keep onnxruntime's memory arena: faster steps (no page faults for each step's tensors), higher peak memory (docs/speed.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,7 +77,7 @@ def session_options(memory_arena: bool = False, prepacking: bool = False,
     # earlier than the default order
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     # without an arena every tensor of a step is a fresh allocation (mmap'd and page-faulted
-    # in, docs/step_time.md) and what a step frees goes back to the OS; with one, the steps reuse
+    # in, docs/speed.md) and what a step frees goes back to the OS; with one, the steps reuse
     # memory: faster, a higher peak. Off unless asked for; when asked, one arena for the process
     # (the inference session and the engine share it) that grows by what is requested, not in
     # powers of two (shared_cpu_arena)
@@ -106,7 +106,7 @@ def shared_cpu_arena() -> None:
     """Register, once per process, onnxruntime's CPU arena that sessions created with
     ``session.use_env_allocators`` share, extended by exactly what is requested
     (``kSameAsRequested``): on WRN-16-2 its peak is lower than a per-session arena's, which
-    grows in powers of two (docs/step_time.md)."""
+    grows in powers of two (docs/speed.md)."""
     global _ARENA_REGISTERED
     if _ARENA_REGISTERED:
         return

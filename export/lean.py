@@ -239,7 +239,7 @@ def _pack_mask(y: str, zero: str, const: _Constants, nhwc: bool = False,
                band: tuple[str, str] | None = None, tag: str = ".mask", width: int = 8) -> list[onnx.NodeProto]:
     """``y > 0`` packed 8 signs to a byte: rows of ``width`` booleans times ``packing_weights``
     (one MatMulInteger; at width 64 onnxruntime's integer GEMM gets 8 output columns, not 1,
-    and runs about 3x faster: docs/step_time.md). With ``nhwc`` the signs are taken in NHWC
+    and runs about 3x faster: docs/speed.md). With ``nhwc`` the signs are taken in NHWC
     order (see ``frozen_conv_outputs``). With ``band`` (lo, hi) the bit is ``lo < y < hi``
     instead (a Clip's input: ReLU6's gradient)."""
     n = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out + "_node", **kw)
@@ -690,7 +690,7 @@ _SIGN_GAIN = float(2.0 ** 126)
 
 def cheaper_elementwise(nodes: list[onnx.NodeProto], consts: dict[str, tuple], const: "_Constants") -> dict[str, int]:
     """Elementwise ops and reductions that onnxruntime's CPU kernels run far slower than the ops
-    they equal (measured: docs/step_time.md), rewritten in place. ``Pow(d, 2)``, the batch-statistics
+    they equal (measured: docs/speed.md), rewritten in place. ``Pow(d, 2)``, the batch-statistics
     BatchNorms' variances (export/ecotta.py), as ``Mul(d, d)``: its Pow calls the general power
     function per element. ``Sign(d)``, the regularizer's L1 gradient, as
     ``Clip(d * 2**126, -1, 1)``: the same value for every normal float and zero (a subnormal
@@ -892,7 +892,7 @@ class LeanOptions:
     # the shapes of the main backward pass's unpacked masks declared with the backward batch
     # symbol (onnxruntime cannot infer them through the Reshape to the gradient's batch), so that
     # its planner hands them buffers freed earlier in the step instead of fresh allocations;
-    # without an arena each fresh allocation is page-faulted in (docs/step_time.md)
+    # without an arena each fresh allocation is page-faulted in (docs/speed.md)
     declared_unpack_shapes: bool = True
     # the main backward pass's tensors get a batch symbol of their own, so that onnxruntime's
     # allocation planner does not hand them the forward pass's buffers, which then stay allocated

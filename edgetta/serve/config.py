@@ -163,6 +163,6 @@ def add_parser(subparsers: Any, description: str, run: Any) -> argparse.Argument
     s.add_argument("--threads", type=int, default=None,
                    help="threads of the adaptation step (default: all cores but one)")
     s.add_argument("--memory-arena", action="store_true",
-                   help="keep onnxruntime's memory arena: faster steps (no page faults for each step's tensors), higher peak memory (docs/step_time.md)")
+                   help="keep onnxruntime's memory arena: faster steps (no page faults for each step's tensors), higher peak memory (docs/speed.md)")
     s.set_defaults(func=run)
     return s
