@@ -592,13 +592,15 @@ def _git_state() -> str:
     return head + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
 
 
-def to_json(reports: Sequence[ModelReport], command: str) -> dict[str, Any]:
+def to_json(reports: Sequence[ModelReport], command: str, git: str | None = None) -> dict[str, Any]:
+    """``git``: the code the bundles were exported from (``_git_state`` taken before the run;
+    by default, now)."""
     import onnxruntime
     versions = {"onnxruntime": onnxruntime.__version__}
     if "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__
     return {"command": command, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "git": _git_state(),
+            "git": git if git is not None else _git_state(),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpus": os.cpu_count(), "python": platform.python_version(),
                         "load_avg_at_end": [round(v, 2) for v in os.getloadavg()]},
@@ -863,10 +865,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {a.doc}")
         return 0
     command = ("python -m benchmarks.step_profile " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    git = _git_state()  # before the bundles are exported: the code they hold, whatever is committed during the run
     reports = run(a.models, a.batch, a.warmup, a.steps, a.threads, torch_on=not a.no_torch,
                   settings_on=a.settings, micro_on=a.micro, micro_repeats=a.micro_repeats,
                   memory_on=not a.no_memory, command=command)
-    data = to_json(reports, command)
+    data = to_json(reports, command, git)
     for m in data["models"]:
         m["git"] = data["git"]
     if a.add and a.out.exists():  # the models kept keep the code they were measured on

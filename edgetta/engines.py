@@ -17,6 +17,7 @@ alike, once, for ``SessionOptions.add_initializer``: both sessions then read tha
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import platform
 import sys
@@ -99,23 +100,17 @@ def session_options(memory_arena: bool = False, prepacking: bool = False,
     return opts
 
 
-_ARENA_REGISTERED = False
-
-
+@functools.cache  # registered once per process
 def shared_cpu_arena() -> None:
     """Register, once per process, onnxruntime's CPU arena that sessions created with
     ``session.use_env_allocators`` share, extended by exactly what is requested
     (``kSameAsRequested``): on WRN-16-2 its peak is lower than a per-session arena's, which
     grows in powers of two (docs/speed.md)."""
-    global _ARENA_REGISTERED
-    if _ARENA_REGISTERED:
-        return
     ort = onnxruntime()
     same_as_requested = 1
     cfg = ort.OrtArenaCfg(0, same_as_requested, -1, -1)  # no limit; default chunk and dead-bytes settings
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(info, cfg)
-    _ARENA_REGISTERED = True
 
 
 def _is_x86() -> bool:

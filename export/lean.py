@@ -81,12 +81,23 @@ def spatial_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 def declared_spatial_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
     """(H, W) of every 4-D tensor whose value info ``graph`` declares with both known."""
-    dims = {}
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        shape = vi.type.tensor_type.shape.dim
-        if len(shape) == 4 and all(d.HasField("dim_value") for d in shape[2:]):
-            dims[vi.name] = [d.dim_value for d in shape[2:]]
-    return dims
+    return _spatial(inferred_dims(graph))
+
+
+def inferred_dims(graph: onnx.GraphProto) -> dict[str, list[int | None]]:
+    """Every declared tensor's dimensions in a shape-inferred ``graph``, None where unknown."""
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
+            if vi.type.tensor_type.HasField("shape")}
+
+
+def _spatial(dims: dict[str, list[int | None]]) -> dict[str, list[int]]:
+    return {n: d[2:] for n, d in dims.items() if len(d) == 4 and None not in d[2:]}  # type: ignore[misc]
+
+
+def _per_sample(dims: dict[str, list[int | None]]) -> dict[str, list[int]]:
+    """The dimensions past the batch of every tensor of rank >= 2 with all of them known."""
+    return {n: d[1:] for n, d in dims.items() if len(d) >= 2 and None not in d[1:]}  # type: ignore[misc]
 
 
 def node_attrs(node: onnx.NodeProto) -> dict:
@@ -200,17 +211,6 @@ def merge_stop_gradient_twins(training: onnx.ModelProto) -> int:
     del g.node[:]
     g.node.extend(kept)
     return removed
-
-
-def _sample_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
-    """The dimensions past the batch of every tensor of rank >= 2 whose value info ``graph``
-    declares with all of them known (a shape-inferred graph's)."""
-    out = {}
-    for vi in list(graph.value_info) + list(graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[1:]):
-            out[vi.name] = [d.dim_value for d in dims[1:]]
-    return out
 
 
 class _Constants:
@@ -786,13 +786,6 @@ def affines_as_batchnorm(nodes: list[onnx.NodeProto], dims: dict[str, list[int |
     return len(dropped)
 
 
-def inferred_dims(graph: onnx.GraphProto) -> dict[str, list[int | None]]:
-    """Every declared tensor's dimensions in a shape-inferred ``graph``, None where unknown."""
-    return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-            for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
-            if vi.type.tensor_type.HasField("shape")}
-
-
 def ort_inferred_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, list[int | str | None]]]:
     """The element type and shape onnxruntime infers for the tensors ``names`` of ``model`` (its
     own shape inference, which knows its training ops): an int per known dimension, the
@@ -942,10 +935,11 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     (ARM) it only adds two transposes. Returns how many nodes were rewritten."""
     twins = merge_stop_gradient_twins(training)
     moved = regularizer_backward_early(training)
-    inferred = onnx.shape_inference.infer_shapes(forward).graph  # once, for the three size maps below
-    spatial = declared_spatial_dims(inferred)
-    sample = _sample_dims(inferred)
-    per_sample = {name: int(np.prod(dims)) for name, dims in sample.items()}
+    # the forward graph's shapes, inferred once for every size map below
+    dims = inferred_dims(onnx.shape_inference.infer_shapes(forward).graph)
+    spatial = _spatial(dims)
+    sample = _per_sample(dims)
+    per_sample = {name: int(np.prod(d)) for name, d in sample.items()}
     consts = _Constants(training.graph)
     before: dict[int, list[onnx.NodeProto]] = {}
     bits = 0
@@ -963,7 +957,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     # conv weight gradients (X) read. Early readers (the regularizer's gradients, placed in the
     # forward pass) keep the exact float; the network's input is the caller's, held anyway.
     main = _backward(nodes, "logits_grad") if options.activation_bits else set()
-    shapes = {name: dims for name, dims in sample.items() if len(dims) == 3}  # (C, H, W) of 4-D tensors
+    shapes = {name: d for name, d in sample.items() if len(d) == 3}  # (C, H, W) of 4-D tensors
     compressed: dict[str, CompressedActivation] = {}
     compressed_bytes = 0
 
@@ -1106,7 +1100,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         ordered[:] = drop_unread(ordered, {o.name for o in training.graph.output})
         small = _small_constants(training.graph)
         cheaper = cheaper_elementwise(ordered, small, consts)
-        affines = affines_as_batchnorm(ordered, inferred_dims(inferred), small, consts,
+        affines = affines_as_batchnorm(ordered, dims, small, consts,
                                        {o.name for o in training.graph.output})
     del training.graph.node[:]
     training.graph.node.extend(ordered)
