@@ -59,7 +59,8 @@ GROUPS: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
     ("ReLU mask application (Mul)", lambda name, op: name.endswith("_lean")),
     ("ReLU mask packing (Greater, Cast, MatMulInteger, ...)", lambda name, op: ".mask" in name or ".band" in name),
     ("NCHWc layout reorders", lambda name, op: op in ("ReorderInput", "ReorderOutput")),
-    ("meta conv gradients (ConvGrad)", lambda name, op: op == "ConvGrad"),
+    ("meta conv gradients (ConvGrad; dX apart where merged)",
+     lambda name, op: op == "ConvGrad" or "_input_gradient" in name),
     ("portable step's standard-op replacements (BatchNorm, its gradient, meta ConvGrad, update)",
      lambda name, op: name.startswith("portable/")),
     ("meta BatchNorm and its gradient (training engine)",
@@ -459,7 +460,8 @@ VARIANTS = ("before", "after")
 # ones at stride 1 excepted), masks unpacked by two BitShifts, the portable step's meta conv
 # weight gradients as a Conv of transposed tensors
 BEFORE = LeanOptions(conv_input_gradients=False, gather_unpack=False, portable_gradients=False, activation_bits=None,
-                     fast_elementwise=False, wide_mask_packing=False, declared_unpack_shapes=False)
+                     fast_elementwise=False, wide_mask_packing=False, declared_unpack_shapes=False,
+                     merged_weight_gradients=False)
 
 
 def key(runner: str, variant: str) -> str:
@@ -726,7 +728,9 @@ def render(report: dict[str, Any]) -> str:
            "not edit by hand. Issue 16: the lean graph's speed rewrites (export/lean.py: stride-1 frozen input "
            "gradients as a Conv of flipped, channel-swapped kernels; masks unpacked by one Gather from a 256 x 8 "
            "table and packed 64 signs to a row; elementwise work in cheaper kernels; shapes declared for the "
-           "backward pass's planner; kept inputs compressed to 8 bits, rounded to nearest), each model's bundle "
+           "backward pass's planner; kept inputs compressed to 8 bits, rounded to nearest; one weight gradient per "
+           "meta conv from the summed output gradients of the loss's two terms, its input gradient apart, at "
+           "stride 1 a Conv of flipped kernels), each model's bundle "
            "measured before (`" + _options_text(BEFORE) + "`) and after (the defaults) in one run; the portable step's "
            "own rewrites (meta conv weight gradients as one MatMul per kernel offset in a Loop, stride-1 meta "
            "input gradients as a Conv of flipped kernels, BatchNorm gradients with one full-size pass fewer) are "

@@ -220,3 +220,62 @@ def test_portable_conv_gradient_equals_torch(stride, pad, k, dilation):
     loop = next(n for n in nodes if n.op_type == "Loop")  # one MatMul per kernel offset, in turn
     assert "MatMul" in {n.op_type for n in loop.attribute[0].g.node}
     assert ("ConvTranspose" in ops) == (stride != 1)
+
+
+@pytest.fixture(scope="module")
+def unmerged_pair(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint with float32 kept inputs, its meta conv weight gradients merged (the
+    default) and not."""
+    out = tmp_path_factory.mktemp("merged")
+    for name, merged in (("merged", True), ("unmerged", False)):
+        export_bundle(tiny_ckpt, out / name, profile=False,
+                      lean_options=LeanOptions(activation_bits=None, merged_weight_gradients=merged))
+    return out / "merged", out / "unmerged"
+
+
+def test_one_weight_gradient_per_meta_conv_and_input_gradients_apart(tiny_bundle, tiny_ckpt):
+    """Each meta conv's weight gradient is one ConvGrad (dW only) of its two terms' summed output
+    gradients; its input gradient, where one is needed, is a Conv of the weights flipped in the
+    graph at stride 1 (else a ConvTranspose), reading no kept input."""
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    k = len(tiny_ckpt["split"])
+    assert m["training_graph"]["rewrites"]["weight_gradients_merged"] == k
+    for graph in GRAPHS:
+        g = onnx.load(str(tiny_bundle / graph)).graph
+        trainable = {i.name for i in g.input if i.name.endswith(".conv.weight")}
+        assert len(trainable) == k
+        producer = {o: n for n in g.node for o in n.output if o}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for x in n.input:
+                readers.setdefault(x, []).append(n)
+        for w in trainable:
+            ops = sorted(n.op_type for n in readers[w])
+            if graph == "training_model.onnx":
+                grads = [n for n in readers[w] if n.op_type == "ConvGrad"]
+                assert len(grads) == 1 and grads[0].output[0] == "", (w, ops)
+                assert producer[grads[0].input[0]].op_type == "Add", "the summed output gradients"
+            for n in readers[w]:
+                if n.op_type == "Slice":  # the flipped kernels of a stride-1 input gradient
+                    conv = readers[readers[n.output[0]][0].output[0]][0]
+                    assert conv.op_type == "Conv" and conv.name.endswith("_input_gradient")
+        assert sum(n.name.endswith("_input_gradient") for n in g.node) == k - 1  # the first reads the image
+
+
+@pytest.mark.parametrize("engine", ("ort-training", "onnx"))
+def test_merged_weight_gradients_equal_the_sum_of_both_terms(unmerged_pair, corrupted_frames, engine):
+    """With float32 kept inputs, one step's gradients of every meta parameter: merged against
+    one weight gradient per term added afterwards, to float rounding."""
+    from edgetta.bundle import Bundle
+    from edgetta.engines import select_engine
+    merged, unmerged = unmerged_pair
+    x = Adapter.load(merged, engine="onnx").preprocess(corrupted_frames[0][:16])
+    grads = []
+    for bundle in (merged, unmerged):
+        e = select_engine(engine, Bundle.open(bundle), momentum=0.9)
+        e.step(x)
+        grads.append(e.velocity())  # from zero velocity: the gradient
+    a, b = grads
+    assert set(a) == set(b) and any(".conv.weight" in n for n in a)
+    for n in a:
+        assert np.abs(a[n] - b[n]).max() <= 1e-5 * (np.abs(b[n]).max() + 1e-8), n
