@@ -4,8 +4,8 @@ lean rewrite, and the lean rewrite with the meta networks' kept inputs compresse
 (``separate_backward_buffers``, "separated") and also the regularizer's L1 gradients in place
 (``l1_gradient_in_place``, "bounded"), same model, same batches, measured side by side in one run.
 "default" is today's exporter defaults; "stochastic" the same with the kept inputs rounded
-stochastically, and "no_fast_elementwise", "no_wide_packing", "no_declared_shapes" the same with
-that rewrite off (docs/speed.md).
+stochastically, and "no_fast_elementwise", "no_wide_packing", "no_declared_shapes",
+"no_merged_gradients" the same with that rewrite off (docs/speed.md).
 
     python -m benchmarks.step_memory --batches 16 64 --repeats 5
     python -m benchmarks.step_memory --models default wrn28_10 --graphs lean compressed \
@@ -60,6 +60,8 @@ GRAPHS = {"generated": dict(lean=False),
           "no_fast_elementwise": dict(lean=True, lean_options=LeanOptions(fast_elementwise=False)),
           "no_wide_packing": dict(lean=True, lean_options=LeanOptions(wide_mask_packing=False)),
           "no_declared_shapes": dict(lean=True, lean_options=LeanOptions(declared_unpack_shapes=False)),
+          # one weight gradient per term, as before 2026-12-01's merge (docs/speed.md)
+          "no_merged_gradients": dict(lean=True, lean_options=LeanOptions(merged_weight_gradients=False)),
           "default": dict(lean=True, lean_options=LeanOptions())}
 
 
