@@ -259,3 +259,14 @@ def test_shipped_step_times_runners_in_fresh_processes():
     assert got["edgetta_arena"].ms_per_step > 0 and got["edgetta_arena"].peak_rss_mib > 50
     assert got["edgetta_arena"].ratio_to_torch == pytest.approx(
         got["edgetta_arena"].ms_per_step / got["ecotta_torch"].ms_per_step, rel=0.01)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="onnxruntime's NCHWc layout, and so its reorders, exists on x86-64 only")
+def test_reorders_benchmark_times_the_layout_reorders():
+    """benchmarks.reorders finds the reorders around a constant-weight Conv in onnxruntime's
+    profile and times each op of the graph."""
+    from benchmarks.reorders import kernel_ms
+    ms = kernel_ms((2, 16, 8, 8), runs=2, warmup=1)
+    assert {"Conv", "ReorderInput", "ReorderOutput", "ReduceMean"} <= set(ms)
+    assert all(v > 0 for v in ms.values())
