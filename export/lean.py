@@ -1058,7 +1058,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         return 64 if options.wide_mask_packing and per_sample.get(x, 1) % 64 == 0 else 8
 
     convs = relus = transposed = clipped = depthwise = to_conv = flipped_bytes = meta_inputs = 0
-    trainable = {i.name for i in training.graph.input}  # the meta networks' weights
+    graph_inputs = {i.name for i in training.graph.input}  # a conv weight among them is a meta network's
     for i, node in enumerate(nodes):
         if i in clip_muls:  # ReLU6: one bit, lo < x < hi (torch's hardtanh gradient is strict too)
             dy, x, lo, hi = clip_muls[i]
@@ -1104,7 +1104,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             # (measured: docs/step_time.md); its padding is what the forward conv's leaves of
             # the dilated kernel, so it must not be negative
             conv_pads = [dil[d % nd] * (k[d % nd] - 1) - pads[d] for d in range(2 * nd)]
-            if node.input[2] in trainable and x in spatial:
+            if node.input[2] in graph_inputs and x in spatial:
                 # a meta conv's dX, apart from its weight gradient (merge_weight_gradients): its
                 # weights change every step, so they are flipped in the graph (two tiny nodes)
                 name = (node.name or f"convgrad{i}") + "_input_gradient"
@@ -1145,8 +1145,8 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             nodes[i] = helper.make_node(
                 "ConvTranspose", [node.input[0], node.input[2]], [node.output[0]], name=name,
                 kernel_shape=k, strides=strides, pads=pads, dilations=dil, group=group, output_padding=out_pad)
-            convs += node.input[2] not in trainable
-            meta_inputs += node.input[2] in trainable
+            convs += node.input[2] not in graph_inputs
+            meta_inputs += node.input[2] in graph_inputs
         elif node.op_type == "BatchNormalizationGrad" and node.domain == "com.microsoft":
             compress(i, node)
         elif node.op_type == "ReluGrad" and node.domain == "com.microsoft":
