@@ -50,7 +50,7 @@ def test_selection_smoke(tmp_path):
     dist = {n: run["record"]["rounds"][-1]["param_distance"] for n, run in runs.items()}
     assert dist["edgetta+anchor0.3, seed 11"] < dist["edgetta+anchor0, seed 11"]
     # the stream is made of TRAINING images, and the clean images are not in it
-    with np.load(cache / "selection" / "stream_train_2_s5_seed11.npz") as s, \
+    with np.load(cache / "stream_continual_train_2_s5_seed11.npz") as s, \
             np.load(cache / "clean_fashion_mnist_train_16_seed11.npz") as c:
         assert "Fashion-MNIST train" in str(s["description"]) and len(s["images"]) == 30
         assert not np.intersect1d(s["source_index"], c["source_index"]).size
