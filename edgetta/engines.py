@@ -108,7 +108,12 @@ def shared_cpu_arena() -> None:
     grows in powers of two (docs/speed.md)."""
     ort = onnxruntime()
     same_as_requested = 1
-    cfg = ort.OrtArenaCfg(0, same_as_requested, -1, -1)  # no limit; default chunk and dead-bytes settings
+    # a request takes a free chunk whole, unsplit, when what it leaves unused is under this many
+    # bytes (128 MiB by default): a step's chunks then carry dead space and the arena grows by
+    # it. 16 KiB splits nearly every chunk, at the same speed (measured: docs/speed.md); 0
+    # crashes onnxruntime 1.19.2
+    max_dead_bytes_per_chunk = 16 << 10
+    cfg = ort.OrtArenaCfg(0, same_as_requested, -1, max_dead_bytes_per_chunk)  # no limit; default first chunk
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(info, cfg)
 
