@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -986,6 +987,24 @@ def flipped_weights(w: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(np.flip(w, axis=tuple(range(2, w.ndim))))
 
 
+def runtime_flipped_conv(dy: str, w: str, out: str, name: str, kernel: list[int], pads: list[int],
+                         dilations: list[int], const: Callable[[Any, Any], str]) -> list[onnx.NodeProto]:
+    """dX of a stride-1, ungrouped conv whose weights ``w`` are a graph input (a meta network's,
+    which change every step): a Conv of dY with the kernels flipped and their channel axes
+    swapped inside the graph, by a Slice and a Transpose of the small weight tensor. ``pads``:
+    the Conv's, what the forward conv's leave of the dilated kernel; ``const(value, dtype)``
+    names a constant of the graph."""
+    nd = len(kernel)
+    axes = list(range(2, 2 + nd))
+    flipped, swapped = f"{name}.flipped", f"{name}.swapped"
+    i64 = np.int64
+    return [helper.make_node("Slice", [w, const([-1] * nd, i64), const([-(2 ** 63)] * nd, i64), const(axes, i64),
+                                       const([-1] * nd, i64)], [flipped], name=flipped + "_node"),
+            helper.make_node("Transpose", [flipped], [swapped], name=swapped + "_node", perm=[1, 0, *axes]),
+            helper.make_node("Conv", [dy, swapped], [out], name=name, kernel_shape=kernel, pads=pads,
+                             dilations=dilations)]
+
+
 def frozen_weights(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Conv-shaped (3-D or more) initializers by name, and by the outputs of ``Identity`` nodes
     that read them (the TorchScript exporter ties equal initializers that way)."""
@@ -1105,20 +1124,12 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             # the dilated kernel, so it must not be negative
             conv_pads = [dil[d % nd] * (k[d % nd] - 1) - pads[d] for d in range(2 * nd)]
             if node.input[2] in graph_inputs and x in spatial:
-                # a meta conv's dX, apart from its weight gradient (merge_weight_gradients): its
-                # weights change every step, so they are flipped in the graph (two tiny nodes)
+                # a meta conv's dX, apart from its weight gradient (merge_weight_gradients)
                 name = (node.name or f"convgrad{i}") + "_input_gradient"
                 if options.conv_input_gradients and group == 1 and set(strides) == {1} and min(conv_pads) >= 0:
-                    axes = list(range(2, 2 + nd))
-                    flipped, swapped = f"{name}.flipped", f"{name}.swapped"
-                    nodes[i] = helper.make_node("Conv", [node.input[0], swapped], [node.output[0]], name=name,
-                                                kernel_shape=k, pads=conv_pads, dilations=dil)
-                    before.setdefault(i, []).extend([
-                        helper.make_node("Slice", [node.input[2], consts([-1] * nd, np.int64),
-                                                   consts([-(2 ** 63)] * nd, np.int64), consts(axes, np.int64),
-                                                   consts([-1] * nd, np.int64)], [flipped], name=flipped + "_node"),
-                        helper.make_node("Transpose", [flipped], [swapped], name=swapped + "_node",
-                                         perm=[1, 0, *axes])])
+                    *prepare, nodes[i] = runtime_flipped_conv(node.input[0], node.input[2], node.output[0], name,
+                                                              k, conv_pads, dil, consts)
+                    before.setdefault(i, []).extend(prepare)
                     meta_inputs += 1
                     continue
             depthwise_form = group > 1 and w is not None and w.shape[1] == 1 and set(dil) == {1}

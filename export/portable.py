@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ExportError
-from .lean import LeanOptions, declared_spatial_dims, node_attrs, spatial_dims
+from .lean import LeanOptions, declared_spatial_dims, node_attrs, runtime_flipped_conv, spatial_dims
 
 AXES_NCHW = [0, 2, 3]
 
@@ -126,10 +126,7 @@ def _input_gradient(b: _Builder, dy: str, w: str, out: str, k: list[int], stride
     nd = len(k)
     conv_pads = [dil[d % nd] * (k[d % nd] - 1) - pads[d] for d in range(2 * nd)]
     if b.fast and group == 1 and set(strides) == {1} and min(conv_pads) >= 0:
-        axes = list(range(2, 2 + nd))
-        flipped = b.op("Slice", [w, b.const([-1] * nd), b.const([-(2 ** 63)] * nd), b.const(axes), b.const([-1] * nd)])
-        swapped = b.op("Transpose", [flipped], perm=[1, 0, *axes])
-        b.op("Conv", [dy, swapped], out, kernel_shape=k, pads=conv_pads, dilations=dil)
+        b.nodes.extend(runtime_flipped_conv(dy, w, out, b.name("input_gradient"), k, conv_pads, dil, b.const))
         return
     out_pad = [xs[d] - ((ys[d] - 1) * strides[d] - pads[d] - pads[d + nd] + dil[d] * (k[d] - 1) + 1)
                for d in range(nd)]
