@@ -24,7 +24,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -278,11 +278,10 @@ def _judge(consumers: list[tuple[Any, int]]) -> str:
     return "sign mask" if "sign mask" in verdicts else "not needed"
 
 
-def execution_order(nodes: list[Any]) -> list[Any]:
-    """The order onnxruntime's priority-based execution runs ``nodes`` in: Kahn's topological
-    sort that takes Shape and Size first, then the lowest node index among the ready nodes.
-    A gradient that depends only on constants (the regularizer's: d loss / d loss is 1) is
-    ready during the forward pass and runs there."""
+def topological_order(nodes: list[Any], first: Callable[[Any], bool] = lambda node: False) -> list[Any]:
+    """``nodes`` in Kahn's topological order, each after the producers of its inputs: among the
+    ready nodes, those ``first`` picks, then the lowest index (as close to the given order as the
+    dependencies allow)."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     waiting = [0] * len(nodes)
     readers: dict[int, list[int]] = {}
@@ -293,7 +292,7 @@ def execution_order(nodes: list[Any]) -> list[Any]:
             readers.setdefault(d, []).append(i)
 
     def key(i: int) -> tuple[int, int]:
-        return (0 if nodes[i].op_type in ("Shape", "Size") else 1, i)
+        return (0 if first(nodes[i]) else 1, i)
 
     ready = [key(i) for i, w in enumerate(waiting) if w == 0]
     heapq.heapify(ready)
@@ -308,6 +307,14 @@ def execution_order(nodes: list[Any]) -> list[Any]:
     if len(order) != len(nodes):
         raise ValueError("the graph has a cycle")
     return order
+
+
+def execution_order(nodes: list[Any]) -> list[Any]:
+    """The order onnxruntime's priority-based execution runs ``nodes`` in: Kahn's topological
+    sort that takes Shape and Size first, then the lowest node index among the ready nodes.
+    A gradient that depends only on constants (the regularizer's: d loss / d loss is 1) is
+    ready during the forward pass and runs there."""
+    return topological_order(nodes, lambda node: node.op_type in ("Shape", "Size"))
 
 
 def _liveness(facts: GraphFacts, batch: int, target: Target, skip: set[str]) -> tuple[int, list[int]]:

@@ -32,7 +32,8 @@ input where a weight gradient is wanted) stays at full width; with ``LeanOptions
 nearest (``quantize_activation``) or stochastically (``compress_activation``), right after the
 forward pass computes it, and decompressed right before the backward pass reads it
 (``decompress_activation``; docs/compressed_activations.md). The regularizer's gradients, computed during the forward pass,
-read the exact floats.
+read the exact floats, except its meta conv weight gradients, which ``merge_weight_gradients``
+computes with the main term's in the backward pass.
 
 A pass runs first, on the EcoTTA structure of the graph:
 
@@ -57,11 +58,12 @@ Two passes bound the step's workspace (docs/workspace.md), both on by default:
 - ``l1_gradient_in_place``: the regularizer's L1 gradients multiply ``Sign(d)`` by their scalar
   instead of a full-size ``Expand`` of it, and the forward mean follows ``|d|`` at once.
 
-And two for speed (docs/speed.md), on by default: ``fast_elementwise`` (``cheaper_elementwise``,
+And three for speed (docs/speed.md), on by default: ``fast_elementwise`` (``cheaper_elementwise``,
 ``affines_as_batchnorm``, ``stats_from_batchnorms``: elementwise work and reductions in faster
-kernels that compute the same) and ``declared_unpack_shapes`` (shapes onnxruntime cannot infer,
+kernels that compute the same), ``declared_unpack_shapes`` (shapes onnxruntime cannot infer,
 declared so that its planner reuses freed buffers instead of allocating, and page-faulting in,
-new ones).
+new ones) and ``merged_weight_gradients`` (``merge_weight_gradients``: one weight gradient per
+meta conv for both loss terms).
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 import numpy as np
 
-from edgetta.profile import BACKWARD_BATCH
+from edgetta.profile import BACKWARD_BATCH, topological_order
 
 
 def spatial_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -680,32 +682,6 @@ def l1_gradient_in_place(nodes: list[onnx.NodeProto], outputs: set[str]) -> tupl
     return drop_unread(out, outputs), count
 
 
-def stable_topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """``nodes`` in an order where every node follows the producers of its inputs, as close to
-    the given order as that allows (of the nodes ready, the earliest given goes first)."""
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    users: dict[int, list[int]] = {}
-    waiting = []
-    for i, n in enumerate(nodes):
-        deps = {producer[x] for x in n.input if x in producer and producer[x] != i}
-        waiting.append(len(deps))
-        for j in deps:
-            users.setdefault(j, []).append(i)
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    out = []
-    while ready:
-        i = heapq.heappop(ready)
-        out.append(nodes[i])
-        for u in users.get(i, []):
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                heapq.heappush(ready, u)
-    if len(out) != len(nodes):
-        raise ValueError("the graph has a cycle")
-    return out
-
-
 def stats_from_batchnorms(nodes: list[onnx.NodeProto], const: "_Constants") -> int:
     """The meta BatchNorms' batch statistics that the graph outputs for the device's running
     statistics (export/ecotta.py: a mean and a biased variance by ReduceMeans, passes of their
@@ -745,7 +721,7 @@ def stats_from_batchnorms(nodes: list[onnx.NodeProto], const: "_Constants") -> i
             helper.make_node("Sub", [p + ".var_eps", const(eps, np.float32)], [p + ".var"], name=p + ".var_node"),
             helper.make_node("Max", [p + ".var", const(0.0, np.float32)], list(node.output), name=node.name),
         ]
-    nodes[:] = stable_topological([m for i, n in enumerate(nodes) for m in replaced.get(i, [n])])
+    nodes[:] = topological_order([m for i, n in enumerate(nodes) for m in replaced.get(i, [n])])
     return len(replaced)
 
 
@@ -1047,7 +1023,8 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     # the meta networks' kept inputs: what the main backward pass's BatchNorm gradients (X) and
     # conv weight gradients (X) read. Early readers (the regularizer's gradients, placed in the
     # forward pass) keep the exact float; the network's input is the caller's, held anyway.
-    main = _backward(nodes, "logits_grad") if options.activation_bits else set()
+    main_backward = _backward(nodes, "logits_grad")
+    main = main_backward if options.activation_bits else set()
     shapes = {name: d for name, d in sample.items() if len(d) == 3}  # (C, H, W) of 4-D tensors
     compressed: dict[str, CompressedActivation] = {}
     compressed_bytes = 0
@@ -1070,8 +1047,6 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         # reuses freed buffers for them rather than allocating afresh (declared_unpack_shapes)
         batch = BACKWARD_BATCH if options.declared_unpack_shapes and options.separate_backward_buffers else None
         training.graph.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch, *shapes[x]]))
-
-    main_backward = _backward(nodes, "logits_grad")
 
     def pack_width(x: str) -> int:
         return 64 if options.wide_mask_packing and per_sample.get(x, 1) % 64 == 0 else 8
