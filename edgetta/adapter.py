@@ -5,12 +5,16 @@
     logits = adapter.step(frames, adapt=False)
 
 An engine (``edgetta.engines``) runs each adaptation step: loss, gradients and the SGD update of
-the meta networks. Single frames are predicted by the inference graph with the meta BatchNorms
-on running statistics that this loop keeps from the adaptation batches.
+the meta networks; the step's own forward pass gives the batch's logits. Single frames are
+predicted by the inference graph with the meta BatchNorms on running statistics that this loop
+keeps from the adaptation batches. That graph is a second session with its own copy of the frozen
+weights (on x86-64), so it loads on the first prediction, not before: a process that only adapts
+(``edgetta adapt``) never holds it. ``open_predictor()`` loads it ahead of time.
 """
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -76,7 +80,9 @@ class Adapter:
         self.momentum = m.adaptation.momentum if momentum is None else float(momentum)
         self.bn_momentum = m.adaptation.bn_momentum if bn_momentum is None else float(bn_momentum)
         self.input_spec = m.input.as_dict()
-        self._session = inference_session(bundle, opts, self.provider)
+        self._opts = opts
+        self._session: Any = None
+        self._session_lock = threading.Lock()
         self._stat_of: dict[str, str] = dict(m.running_stats)
         init = bundle.initial_meta_state()
         self._stats = {n: init[n] for n in m.kept_running_stats}
@@ -115,7 +121,21 @@ class Adapter:
         serving loop predicts on a snapshot while another thread adapts, with one session."""
         if state is None:
             state = {**self.runner.params(), **self._stats}
-        return self._session.run(["logits"], {"input": x, **state})[0]
+        session = self._session or self.open_predictor()._session
+        return session.run(["logits"], {"input": x, **state})[0]
+
+    @property
+    def predictor_open(self) -> bool:
+        """Whether the inference graph is loaded (by a prediction or ``open_predictor``)."""
+        return self._session is not None
+
+    def open_predictor(self) -> "Adapter":
+        """Load the inference graph now (BundleError if onnxruntime cannot) instead of on the
+        first prediction; a server calls it before its first frame. Safe from any thread."""
+        with self._session_lock:
+            if self._session is None:
+                self._session = inference_session(self.bundle, self._opts, self.provider)
+        return self
 
     def adapt(self, x: np.ndarray) -> np.ndarray:
         """One adaptation step on a preprocessed NCHW float32 batch; returns the logits the

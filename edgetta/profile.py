@@ -453,6 +453,8 @@ from edgetta import Adapter
 bundle, batch, provider, steps, arena, engine = sys.argv[1:7]
 batch, steps = int(batch), int(steps)
 a = Adapter.load(bundle, provider=provider, memory_arena=arena == '1', engine=engine)
+# a device predicts single frames while it adapts (serve): count the inference session as loaded
+a.open_predictor()
 frames = np.random.default_rng(0).integers(0, 256, (batch, *a.bundle.input_size, 3), dtype=np.uint8)
 x = a.preprocess(frames)
 # reset the peak to the current RSS (Linux 4.0+), so that loading's transients do not hide the step's

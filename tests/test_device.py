@@ -364,3 +364,28 @@ def test_anchor_pulls_the_meta_parameters_back_toward_the_warmed_up_state(tiny_b
     assert any(np.abs(free.meta_state()[n] - start[n]).max() > 0 for n in names)
     with pytest.raises(ValueError, match="anchor"):
         Adapter.load(tiny_bundle, anchor=1.0)
+
+
+def test_the_inference_graph_loads_on_the_first_prediction_only(tiny_bundle, corrupted_frames, tmp_path):
+    """An adapter that only adapts never loads the inference graph (a second copy of the
+    frozen weights on x86-64); the first prediction loads it once, from any thread."""
+    from concurrent.futures import ThreadPoolExecutor
+    images, _ = corrupted_frames
+    a = Adapter.load(tiny_bundle, engine="onnx", threads=1)
+    a.step(images[:16])
+    assert not a.predictor_open
+    x = a.preprocess(images[16:20])
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: a.predict_tensor(x), range(8)))
+    assert a.predictor_open
+    for g in got[1:]:
+        np.testing.assert_array_equal(g, got[0])
+    assert a.open_predictor() is a and a.predictor_open
+    # a graph onnxruntime cannot read is a BundleError when it is opened
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    (copy / "inference.onnx").write_bytes(b"not a graph")
+    b = Adapter(Bundle.open(copy, verify=False), engine="onnx", threads=1)
+    with pytest.raises(BundleError, match="inference graph"):
+        b.open_predictor()
+    assert not b.predictor_open

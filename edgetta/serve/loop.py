@@ -162,7 +162,7 @@ class Service:
             stack.callback(lock_state_dir(Path(cfg.state_dir)).close)
         try:
             adapter = Adapter(bundle, provider=cfg.provider, lr=cfg.lr, engine=engine,
-                              threads=cfg.adapt_threads, memory_arena=cfg.memory_arena)
+                              threads=cfg.adapt_threads, memory_arena=cfg.memory_arena).open_predictor()
         except (RuntimeError, ValueError) as e:
             raise Refused(str(e)) from None
         predictor = AdapterPredictor(adapter)
