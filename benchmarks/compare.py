@@ -103,6 +103,10 @@ def plan(a: argparse.Namespace, ckpt_path: str, bundle: Path) -> list[tuple[tupl
                                      ["--method", m, "--random-steps", str(mcfg["steps"]),
                                       "--batch", str(mcfg["batch"]), "--malloc", malloc,
                                       *(base if model == "default" else ["--model", model]), "--bundle", str(gen)]))
+                        # the same bundle with onnxruntime's arena: the trade of Adapter(memory_arena=True)
+                        jobs.append((("memory", model, malloc, "edgetta_arena"),
+                                     ["--method", m, "--random-steps", str(mcfg["steps"]), "--batch", str(mcfg["batch"]),
+                                      "--malloc", malloc, *src, "--memory-arena"]))
                 zoo_aug = a.memory_cotta_augmentations or 32
                 if model == "default" and "cotta" in a.methods and zoo_aug != 32:
                     # evidence that CoTTA's peak does not depend on its number of augmentations
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 for ml in list(results.get(model, {})):
                     results[model][ml] = {m: v for m, v in results[model][ml].items()
                                           if m not in a.methods and not m.startswith("cotta_aug")
-                                          and not (m == "edgetta_generated" and "edgetta" in a.methods)}
+                                          and not (m in ("edgetta_generated", "edgetta_arena") and "edgetta" in a.methods)}
             data["memory"]["results"] = results
             data["memory"]["models"] = old.get("models", {})
             for model in a.memory_models:

@@ -179,11 +179,12 @@ def lean_table(sec: dict, malloc: str = "pinned") -> list[str]:
     the static estimate against the measured adaptation part, and step time."""
     lines = ["| model, batch | edgetta peak MiB | generated graph peak | TENT peak | CoTTA peak "
              "| edgetta / TENT (target <= 0.35) | edgetta / CoTTA (target <= 0.25) "
-             "| adaptation MiB: static estimate / one step measured / whole run | step s: lean / generated |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| adaptation MiB: static estimate / one step measured / whole run | step s: lean / generated "
+             "| memory_arena=True: peak MiB, step s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model, by_malloc in sec["results"].items():
         res = by_malloc.get(malloc, {})
-        e, g, t, c = (res.get(k) for k in ("edgetta", "edgetta_generated", "tent", "cotta"))
+        e, g, t, c, ar = (res.get(k) for k in ("edgetta", "edgetta_generated", "tent", "cotta", "edgetta_arena"))
         if not ok(e):
             continue
         peak = lambda r: mib(r["peak_rss_mib"]) if ok(r) else "n/a"
@@ -196,8 +197,11 @@ def lean_table(sec: dict, malloc: str = "pinned") -> list[str]:
                           f"{e['adaptation_share_mib']:.0f}"])
         step = f"{e['ms_per_batch'] / 1e3:.2f} / {g['ms_per_batch'] / 1e3:.2f} " \
                f"({100 * (e['ms_per_batch'] / g['ms_per_batch'] - 1):+.0f}%)" if ok(g) else f"{e['ms_per_batch'] / 1e3:.2f}"
+        arena = (f"{peak(ar)} ({100 * (ar['peak_rss_mib'] / e['peak_rss_mib'] - 1):+.0f}%), "
+                 f"{ar['ms_per_batch'] / 1e3:.2f} ({100 * (ar['ms_per_batch'] / e['ms_per_batch'] - 1):+.0f}%)"
+                 if ok(ar) else "n/a")
         lines.append(f"| {MODEL_LABELS.get(model, model)}, {model_config(sec, model)['batch']} | {peak(e)} | {peak(g)} "
-                     f"| {peak(t)} | {peak(c)} | {ratio(t)} | {ratio(c)} | {est} | {step} |")
+                     f"| {peak(t)} | {peak(c)} | {ratio(t)} | {ratio(c)} | {est} | {step} | {arena} |")
     return lines
 
 

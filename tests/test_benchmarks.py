@@ -121,7 +121,7 @@ def test_compare_smoke(tmp_path):
                 data["memory"]["results"]["default"]["pinned"]]
     for res in sections:
         assert {"tent", "cotta", "edgetta"} <= set(res) <= {"tent", "cotta", "edgetta", "cotta_aug2",
-                                                            "edgetta_generated"}
+                                                            "edgetta_generated", "edgetta_arena"}
         for m, row in res.items():
             assert "failed" not in row, (m, row)
             assert row["peak_rss_mib"] > row["rss_loaded_mib"] > 0
@@ -133,6 +133,8 @@ def test_compare_smoke(tmp_path):
     # the memory suite measures the lean graph beside the generated one, each with its own estimate
     mem = data["memory"]["results"]["default"]["pinned"]
     assert mem["edgetta_generated"]["static_step_mib"] > mem["edgetta"]["static_step_mib"] > 0
+    # and the same bundle with the arena, which the run records
+    assert mem["edgetta_arena"]["memory_arena"] is True and mem["edgetta"]["memory_arena"] is False
     for name in ("benchmarks.md", "memory_bars.png", "error_per_corruption.png", "memory_vs_batch.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "benchmarks.md").read_text()
