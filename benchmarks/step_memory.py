@@ -62,6 +62,7 @@ GRAPHS = {"generated": dict(lean=False),
           "no_declared_shapes": dict(lean=True, lean_options=LeanOptions(declared_unpack_shapes=False)),
           # one weight gradient per term, as before 2026-12-01's merge (docs/speed.md)
           "no_merged_gradients": dict(lean=True, lean_options=LeanOptions(merged_weight_gradients=False)),
+          "no_memory_order": dict(lean=True, lean_options=LeanOptions(memory_order=False)),
           "default": dict(lean=True, lean_options=LeanOptions())}
 
 

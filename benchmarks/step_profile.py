@@ -461,7 +461,7 @@ VARIANTS = ("before", "after")
 # weight gradients as a Conv of transposed tensors
 BEFORE = LeanOptions(conv_input_gradients=False, gather_unpack=False, portable_gradients=False, activation_bits=None,
                      fast_elementwise=False, wide_mask_packing=False, declared_unpack_shapes=False,
-                     merged_weight_gradients=False)
+                     merged_weight_gradients=False, memory_order=False)
 
 
 def key(runner: str, variant: str) -> str:

@@ -545,7 +545,7 @@ def _ancestors(nodes: list[onnx.NodeProto], outputs: list[str]) -> set[int]:
 
 
 def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logits_grad",
-                               chain: str = "logits") -> int:
+                               chain: str = "logits", freeing_first: bool = False) -> int:
     """Place every node that is neither on the way to the logits nor reached by the entropy
     term's gradient right after the last node it depends on: the regularizer's terms and their
     backward (whose upstream gradient is the constant d loss / d loss), the BatchNorm statistics
@@ -554,12 +554,31 @@ def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logi
     difference and sign) is freed at once, and no regularizer gradient is held through the
     backward pass. onnxruntime runs ready nodes early anyway; placing them there makes the
     graph's order say so, which the profiler's liveness pass follows. Returns the number of
-    nodes placed early."""
+    nodes placed early.
+
+    With ``freeing_first``, among the early nodes ready at once those that end the life of a
+    full-size tensor go first: reductions (the L1 term's mean frees |d|), and the chain to each
+    BatchNorm gradient whose input gradient nothing reads (the regularizer's gradient of a meta
+    network's BatchNorm on the frozen output h_k: the stop-gradient input takes none). That
+    BatchNorm gradient is the last reader of h_k and of the L1 term's gradient, so running it
+    before the conv branch's gradients frees both before the branch's temporaries exist."""
     g = training.graph
     nodes = list(g.node)
     forward = _ancestors(nodes, [chain])
     main = _backward(nodes, main_seed)
     early = set(range(len(nodes))) - forward - main
+    first: set[int] = set()
+    if freeing_first:
+        read = {x for n in nodes for x in n.input} | {o.name for o in g.output}
+        producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        stack = [i for i in early if nodes[i].op_type == "BatchNormalizationGrad" and nodes[i].output[0] not in read]
+        while stack:
+            i = stack.pop()
+            if i not in first:
+                first.add(i)
+                stack.extend(producer[x] for x in nodes[i].input if producer.get(x) in early)
+        first.update(i for i in early if nodes[i].op_type.startswith("Reduce"))
+    key = lambda i: (i not in first, i)
     avail = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
     waiting_on: dict[str, list[int]] = {}
     missing: dict[int, int] = {}
@@ -570,7 +589,7 @@ def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logi
         for x in need:
             waiting_on.setdefault(x, []).append(i)
         if not need:
-            ready.append(i)
+            ready.append(key(i))
     heapq.heapify(ready)
     order: list[onnx.NodeProto] = []
 
@@ -582,11 +601,11 @@ def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logi
                 for j in waiting_on.pop(o, []):
                     missing[j] -= 1
                     if missing[j] == 0:
-                        heapq.heappush(ready, j)
+                        heapq.heappush(ready, key(j))
 
     def flush() -> None:
         while ready:
-            place(heapq.heappop(ready))
+            place(heapq.heappop(ready)[1])
 
     flush()
     for i in [i for i in range(len(nodes)) if i in forward] + sorted(main):
@@ -597,6 +616,50 @@ def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logi
     del g.node[:]
     g.node.extend(order)
     return len(early)
+
+
+def meta_branches_late(training: onnx.ModelProto, chain: str = "logits") -> int:
+    """Place each meta network's conv (a forward Conv whose weights are a graph input) right
+    before the first Add that its branch ReLU(BN(Conv(x_{k-1}))) reaches. It is ready as soon as
+    its part's input x_{k-1} exists, and onnxruntime ran it there: its output, kept float for the
+    regularizer's BatchNorm gradient, and the branch's output, waiting for the Add, were then
+    held through the whole frozen part k. Placed late they live only from the end of part k; what
+    is held instead is x_{k-1} (the network's input for the first meta network, held anyway).
+    Only the order changes. Returns the number of convs placed late."""
+    g = training.graph
+    nodes = list(g.node)
+    forward = _ancestors(nodes, [chain])
+    inputs = {i.name for i in g.input}
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            readers.setdefault(x, []).append(i)
+    late: dict[int, int] = {}  # meta conv -> the Add it goes before
+    for i, n in enumerate(nodes):
+        if i not in forward or n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in inputs:
+            continue
+        seen, stack, joins = set(), [i], []
+        while stack:
+            for o in nodes[stack.pop()].output:
+                for j in readers.get(o, []):
+                    if j in forward and j not in seen:
+                        seen.add(j)
+                        (joins if nodes[j].op_type in ("Add", "Sum") else stack).append(j)
+        if joins and min(joins) > i:
+            late[i] = min(joins)
+    if not late:
+        return 0
+    goes_before: dict[int, list[int]] = {}
+    for conv, join in late.items():
+        goes_before.setdefault(join, []).append(conv)
+    placed = []
+    for i, n in enumerate(nodes):
+        placed.extend(nodes[c] for c in goes_before.get(i, []))
+        if i not in late:
+            placed.append(n)
+    del g.node[:]
+    g.node.extend(topological_order(placed))  # the branch's other nodes follow their conv
+    return len(late)
 
 
 def _constant_value(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], name: str) -> float | None:
@@ -947,6 +1010,11 @@ class LeanOptions:
     # regularizer's share reads the 8-bit kept input too, as the main term's does. On by
     # default: accuracy unchanged within 0.3 points (docs/speed.md)
     merged_weight_gradients: bool = True
+    # an order that frees full-size tensors sooner, the same nodes: each meta network's conv
+    # branch right before the Add that joins it (``meta_branches_late``), and the regularizer's
+    # reductions and meta BatchNorm gradient before its conv branch's gradients
+    # (``regularizer_backward_early(freeing_first=True)``). Bit-identical results
+    memory_order: bool = True
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (None, 8):
@@ -1181,6 +1249,10 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
                                        {o.name for o in training.graph.output})
     del training.graph.node[:]
     training.graph.node.extend(ordered)
+    late = 0
+    if options.memory_order:  # on the final nodes: the order is what onnxruntime follows
+        late = meta_branches_late(training)
+        regularizer_backward_early(training, freeing_first=True)
     separated = separate_backward_buffers(training) if options.separate_backward_buffers else 0
     return {"stop_gradient_twin_nodes_dropped": twins, "conv_grad_to_conv_transpose": convs,
             "relu_grad_to_mask": relus, "relu_masks_bit_packed": bits, "relu_masks_nhwc": transposed,
@@ -1189,7 +1261,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             "meta_input_gradients": meta_inputs,
             "activations_compressed": len(compressed),
             "activation_elements_compressed_per_sample": compressed_bytes,
-            "regularizer_nodes_placed_early": moved,
+            "regularizer_nodes_placed_early": moved, "meta_branches_placed_late": late,
             "backward_tensors_separated": separated, "l1_gradients_in_place": l1_terms,
             **cheaper, "affines_as_batchnorm": affines,
             "statistics_from_batchnorms": stats}
