@@ -2,6 +2,7 @@
 flipped, channel-swapped kernels, and mask unpacking as one Gather, on both engines; the
 gradients they compute are those of the graph before them."""
 import json
+import re
 
 import numpy as np
 import onnx
@@ -283,3 +284,68 @@ def test_merged_weight_gradients_equal_the_sum_of_both_terms(unmerged_pair, corr
     assert set(a) == set(b) and any(".conv.weight" in n for n in a)
     for n in a:
         assert np.abs(a[n] - b[n]).max() <= 1e-5 * (np.abs(b[n]).max() + 1e-8), n
+
+
+@pytest.fixture(scope="module")
+def unordered_bundle(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint with every default but the memory order."""
+    out = tmp_path_factory.mktemp("lean_speed") / "unordered"
+    export_bundle(tiny_ckpt, out, profile=False, lean_options=LeanOptions(memory_order=False))
+    return out
+
+
+@pytest.mark.parametrize("engine", ("ort-training", "onnx"))
+def test_memory_order_changes_no_number(tiny_bundle, unordered_bundle, corrupted_frames, engine):
+    """The same nodes in another order: losses, logits and state after three steps are
+    bit-identical."""
+    images, _ = corrupted_frames
+    runs = []
+    for bundle in (tiny_bundle, unordered_bundle):
+        a = Adapter.load(bundle, engine=engine)
+        out = [a.step(images[i * 16:(i + 1) * 16]) for i in range(3)] + [np.float32(a.last_loss)]
+        runs.append((out, a.meta_state()))
+    (out_a, state_a), (out_b, state_b) = runs
+    for x, y in zip(out_a, out_b):
+        np.testing.assert_array_equal(x, y)
+    for n in state_a:
+        np.testing.assert_array_equal(state_a[n], state_b[n], err_msg=n)
+
+
+def _positions(path) -> tuple[list, dict[str, int]]:
+    from edgetta.profile import execution_order
+    g = onnx.load(str(path)).graph
+    order = execution_order(list(g.node))
+    return order, {o: i for i, n in enumerate(order) for o in n.output if o}
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_meta_branches_run_after_their_frozen_part(tiny_bundle, unordered_bundle, graph, tiny_ckpt):
+    """In onnxruntime's execution order each meta conv runs after the frozen part whose output
+    its branch is added to (before the rewrite: as soon as the part's input existed), and the
+    regularizer's meta BatchNorm gradient before its conv branch's BatchNorm gradient."""
+    k = len(tiny_ckpt["split"])
+    for bundle, late in ((tiny_bundle, True), (unordered_bundle, False)):
+        order, at = _positions(bundle / graph)
+        inputs = {i.name for i in onnx.load(str(bundle / graph)).graph.input}
+        convs = [n for n in order if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inputs
+                 and n.input[1].endswith(".conv.weight")]
+        assert len(convs) == k
+        after_part, meta_first = [], []
+        for conv in convs:
+            # the join: the meta network's Add (torch's exporter names it), whose other input is
+            # the meta BatchNorm of the frozen part's output h_k
+            derived = {conv.output[0]}
+            for n in order[at[conv.output[0]] + 1:]:
+                if any(x in derived for x in n.input):
+                    if n.op_type == "Add" and re.fullmatch(r"/metas\.\d+(_1)?/Add_output_0", n.output[0]):
+                        h = next(x for x in n.input if x not in derived)
+                        break
+                    derived.update(o for o in n.output if o)
+            after_part.append(at[conv.output[0]] > at[h])
+            if graph == "training_model.onnx":  # the regularizer's two BatchNorm gradients
+                grads = {n.input[1]: at[n.output[0]] for n in order if n.op_type == "BatchNormalizationGrad"}
+                frozen_output = order[at[h]].input[0]  # what the meta BatchNorm normalises
+                meta_first.append(grads[frozen_output] < grads[conv.output[0]])
+        assert all(after_part) if late else not any(after_part), (bundle.name, after_part)
+        if graph == "training_model.onnx":
+            assert all(meta_first) if late else not all(meta_first), (bundle.name, meta_first)
