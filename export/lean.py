@@ -50,13 +50,17 @@ onnxruntime runs a node as soon as its inputs exist, so every node added for the
 (the mask unpacking) reads the gradient it serves, or it would run in the forward pass and hold
 its output through the backward pass.
 
-Two passes bound the step's workspace (docs/workspace.md), both on by default:
+Three passes bound the step's workspace (docs/workspace.md), all on by default:
 
 - ``separate_backward_buffers``: the main backward pass's tensors are declared with a batch
   symbol of their own, so onnxruntime's allocation planner hands them none of the forward
   pass's buffers (which then stayed allocated through the whole step);
 - ``l1_gradient_in_place``: the regularizer's L1 gradients multiply ``Sign(d)`` by their scalar
-  instead of a full-size ``Expand`` of it, and the forward mean follows ``|d|`` at once.
+  instead of a full-size ``Expand`` of it, and the forward mean follows ``|d|`` at once;
+- ``memory_order`` (on the final nodes, the order being what onnxruntime follows):
+  ``meta_branches_late`` runs each meta network's conv branch at the end of its frozen part, not
+  at its start, and ``regularizer_backward_early(freeing_first=True)`` runs the regularizer's
+  reductions and meta BatchNorm gradient before its conv branch's gradients.
 
 And three for speed (docs/speed.md), on by default: ``fast_elementwise`` (``cheaper_elementwise``,
 ``affines_as_batchnorm``, ``stats_from_batchnorms``: elementwise work and reductions in faster
