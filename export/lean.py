@@ -622,43 +622,71 @@ def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logi
     return len(early)
 
 
-def meta_branches_late(training: onnx.ModelProto, chain: str = "logits") -> int:
-    """Place each meta network's conv (a forward Conv whose weights are a graph input) right
-    before the first Add that its branch ReLU(BN(Conv(x_{k-1}))) reaches. It is ready as soon as
-    its part's input x_{k-1} exists, and onnxruntime ran it there: its output, kept float for the
-    regularizer's BatchNorm gradient, and the branch's output, waiting for the Add, were then
-    held through the whole frozen part k. Placed late they live only from the end of part k; what
-    is held instead is x_{k-1} (the network's input for the first meta network, held anyway).
-    Only the order changes. Returns the number of convs placed late."""
+def meta_branches_late(training: onnx.ModelProto, sample: dict[str, list[int]], chain: str = "logits") -> int:
+    """Run each meta network's conv (a forward Conv whose weights are a graph input) after its
+    frozen part: its input x_{k-1} goes through ``Reshape(x_{k-1}, Shape(b) * 0)``, with b the
+    other input of the Add that joins the branch (the meta BatchNorm of the part's output h_k).
+    A shape of zeros copies every dimension, so the Reshape changes nothing and copies nothing
+    (onnxruntime aliases it), but the conv now depends on the frozen part: ONNX has no control
+    edges, and the node order alone does not hold on x86-64, where onnxruntime's NCHWc pass
+    re-creates every frozen conv with a later node index and its priority-based order then runs
+    any older ready node, such as this conv, first.
+
+    Unmoved, ``ReLU(BN(Conv(x_{k-1})))`` ran as soon as x_{k-1} existed, and its conv output
+    (kept float for the regularizer's BatchNorm gradient) and its output (waiting for the Add)
+    were held through the whole frozen part. What is held instead is x_{k-1} (for the first meta
+    network, the network's input, held anyway). The conv is also placed right before the Add.
+    ``sample``: per-sample dimensions by tensor name, for the reshaped input's declared shape.
+    Returns the number of convs made late."""
     g = training.graph
     nodes = list(g.node)
     forward = _ancestors(nodes, [chain])
     inputs = {i.name for i in g.input}
+    batch = next((i.type.tensor_type.shape.dim[0] for i in g.input if i.name == "input"), None)
     readers: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
         for x in n.input:
             readers.setdefault(x, []).append(i)
-    late: dict[int, int] = {}  # meta conv -> the Add it goes before
+    late: dict[int, tuple[int, str]] = {}  # meta conv -> (the Add it goes before, that Add's other input)
     for i, n in enumerate(nodes):
         if i not in forward or n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in inputs:
             continue
-        seen, stack, joins = set(), [i], []
+        derived, stack, joins = {n.output[0]}, [i], []
         while stack:
             for o in nodes[stack.pop()].output:
                 for j in readers.get(o, []):
-                    if j in forward and j not in seen:
-                        seen.add(j)
-                        (joins if nodes[j].op_type in ("Add", "Sum") else stack).append(j)
-        if joins and min(joins) > i:
-            late[i] = min(joins)
+                    if j in forward and j not in joins:
+                        if nodes[j].op_type == "Add":
+                            joins.append(j)
+                        elif not set(nodes[j].output) <= derived:
+                            derived.update(x for x in nodes[j].output if x)
+                            stack.append(j)
+        joins = [j for j in joins if j > i and sum(x in derived for x in nodes[j].input) == 1]
+        if joins:
+            join = min(joins)
+            late[i] = (join, next(x for x in nodes[join].input if x not in derived))
     if not late:
         return 0
-    goes_before: dict[int, list[int]] = {}
-    for conv, join in late.items():
-        goes_before.setdefault(join, []).append(conv)
+    zeros = "edgetta.lean.zero_i64"
+    g.initializer.append(numpy_helper.from_array(np.zeros((), np.int64), zeros))
+    goes_before: dict[int, list[onnx.NodeProto]] = {}
+    for conv, (join, other) in late.items():
+        node = nodes[conv]
+        x = node.input[0]
+        tag = f"{x}.after_part{conv}"
+        goes_before.setdefault(join, []).extend([
+            helper.make_node("Shape", [other], [tag + ".shape"], name=tag + ".shape_node"),
+            helper.make_node("Mul", [tag + ".shape", zeros], [tag + ".keep"], name=tag + ".keep_node"),
+            helper.make_node("Reshape", [x, tag + ".keep"], [tag], name=tag + "_node"),
+            node])
+        node.input[0] = tag
+        if x in sample and batch is not None:  # the same shape, so that the planner knows it
+            vi = helper.make_tensor_value_info(tag, TensorProto.FLOAT, [None, *sample[x]])
+            vi.type.tensor_type.shape.dim[0].CopyFrom(batch)
+            g.value_info.append(vi)
     placed = []
     for i, n in enumerate(nodes):
-        placed.extend(nodes[c] for c in goes_before.get(i, []))
+        placed.extend(goes_before.get(i, []))
         if i not in late:
             placed.append(n)
     del g.node[:]
@@ -1255,7 +1283,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     training.graph.node.extend(ordered)
     late = 0
     if options.memory_order:  # on the final nodes: the order is what onnxruntime follows
-        late = meta_branches_late(training)
+        late = meta_branches_late(training, sample)
         regularizer_backward_early(training, freeing_first=True)
     separated = separate_backward_buffers(training) if options.separate_backward_buffers else 0
     return {"stop_gradient_twin_nodes_dropped": twins, "conv_grad_to_conv_transpose": convs,
