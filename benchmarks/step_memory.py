@@ -5,7 +5,8 @@ lean rewrite, and the lean rewrite with the meta networks' kept inputs compresse
 (``l1_gradient_in_place``, "bounded"), same model, same batches, measured side by side in one run.
 "default" is today's exporter defaults; "stochastic" the same with the kept inputs rounded
 stochastically, and "no_fast_elementwise", "no_wide_packing", "no_declared_shapes",
-"no_merged_gradients" the same with that rewrite off (docs/speed.md).
+"no_merged_gradients", "no_memory_order" the same with that rewrite off (docs/speed.md,
+docs/workspace.md).
 
     python -m benchmarks.step_memory --batches 16 64 --repeats 5
     python -m benchmarks.step_memory --models default wrn28_10 --graphs lean compressed \

@@ -272,3 +272,19 @@ def test_reorders_benchmark_times_the_layout_reorders():
     ms = kernel_ms((2, 16, 8, 8), runs=2, warmup=1)
     assert {"Conv", "ReorderInput", "ReorderOutput", "ReduceMean"} <= set(ms)
     assert all(v > 0 for v in ms.values())
+
+
+@pytest.mark.parametrize("engine", ["ort-training", "onnx"])
+def test_rss_trace_finds_the_step_peak_and_its_node(tiny_bundle, tmp_path, engine):
+    """One real step traced: RSS samples inside it, a peak at or above where it started, the
+    node running then among the step's profiled nodes, and the JSON written."""
+    from benchmarks import rss_trace
+    out = tmp_path / "trace.json"
+    assert rss_trace.main(["--bundle", str(tiny_bundle), "--engine", engine, "--batch", "32",
+                           "--threshold", "0.5", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    s = data["summary"]
+    assert data["step_ms"] > 0 and len(data["nodes"]) > 50
+    assert s["peak_mib"] >= s["start_mib"] > 0 and 0 <= s["peak_ms"] <= data["step_ms"]
+    assert s["peak_node"]["name"] in {n["name"] for n in data["nodes"]}
+    assert all(abs(m["change_mib"]) > 0.5 for m in s["moves"])
