@@ -320,9 +320,11 @@ def _positions(path) -> tuple[list, dict[str, int]]:
 
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_meta_branches_run_after_their_frozen_part(tiny_bundle, unordered_bundle, graph, tiny_ckpt):
-    """In onnxruntime's execution order each meta conv runs after the frozen part whose output
-    its branch is added to (before the rewrite: as soon as the part's input existed), and the
-    regularizer's meta BatchNorm gradient before its conv branch's BatchNorm gradient."""
+    """Each meta conv depends on the frozen part whose output its branch is added to (through a
+    no-op Reshape of its input: the graph's order alone does not hold once onnxruntime's NCHWc
+    pass renumbers the frozen convs), so it runs after that part; before the rewrite it ran as
+    soon as the part's input existed. And in the execution order edgetta.profile models, the
+    regularizer's meta BatchNorm gradient runs before its conv branch's BatchNorm gradient."""
     k = len(tiny_ckpt["split"])
     for bundle, late in ((tiny_bundle, True), (unordered_bundle, False)):
         order, at = _positions(bundle / graph)
@@ -342,6 +344,11 @@ def test_meta_branches_run_after_their_frozen_part(tiny_bundle, unordered_bundle
                         break
                     derived.update(o for o in n.output if o)
             after_part.append(at[conv.output[0]] > at[h])
+            if late:  # the dependency: Reshape(x, Shape(b) * 0), b the Add's other input
+                reshape = order[at[conv.input[0]]]
+                assert reshape.op_type == "Reshape", conv.output[0]
+                mul = order[at[reshape.input[1]]]
+                assert order[at[mul.input[0]]].op_type == "Shape" and order[at[mul.input[0]]].input[0] == h
             if graph == "training_model.onnx":  # the regularizer's two BatchNorm gradients
                 grads = {n.input[1]: at[n.output[0]] for n in order if n.op_type == "BatchNormalizationGrad"}
                 frozen_output = order[at[h]].input[0]  # what the meta BatchNorm normalises
