@@ -130,11 +130,16 @@ def plot(result: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    t, rss = np.array(result["t_ms"]), np.array(result["rss_mib"])
+    pad = 0.03 * result["step_ms"]
+    keep = (t >= -pad) & (t <= result["step_ms"] + pad)
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(result["t_ms"], result["rss_mib"], lw=1)
+    ax.plot(t[keep], rss[keep], lw=1)
     ax.axvline(summary["peak_ms"], color="#d62728", lw=0.8)
-    ax.annotate(f"peak {summary['peak_mib']:.0f} MiB: {summary['peak_node']['name'][:50]}",
-                (summary["peak_ms"], summary["peak_mib"]), fontsize=8, ha="left", va="bottom")
+    right = summary["peak_ms"] > 0.5 * result["step_ms"]  # keep the label inside the axes
+    ax.annotate(f"peak {summary['peak_mib']:.0f} MiB: {summary['peak_node']['op']} "
+                f"{summary['peak_node']['name'][:45]} ", (summary["peak_ms"], summary["peak_mib"]),
+                fontsize=8, ha="right" if right else "left", va="top")
     ax.set_xlabel("ms into the step")
     ax.set_ylabel("RSS, MiB")
     ax.set_title(f"{Path(result['bundle']).name}, {result['engine']}, batch {result['batch']}")
