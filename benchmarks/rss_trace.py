@@ -161,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--plot", default=None, help="PNG of RSS over the step")
     a = p.parse_args(argv)
-    if a.bundle:
-        bundle = Path(a.bundle)
-    else:
+    if not a.bundle:  # export here (torch), trace in a fresh process without it, as on a device
         from edgetta_export import checkpoint
         from edgetta_export.bundle import DEFAULT_CHECKPOINT
         ckpt = untrained_checkpoint(a.model) if a.model else checkpoint.load(DEFAULT_CHECKPOINT)
         bundle = export_cached_bundle(ckpt, f"rss_trace_{a.model or 'default'}")
+        rest = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg not in ("--model", a.model)]
+        return subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; "
+                               "from benchmarks.rss_trace import main; from edgetta.console import run_cli; "
+                               "sys.exit(run_cli(main))", "--bundle", str(bundle), *rest]).returncode
+    bundle = Path(a.bundle)
     result = trace(bundle, a.engine, a.batch)
     summary = changes(result, a.threshold if a.threshold is not None else 0.02 * max(result["rss_mib"]))
     print(f"{bundle} ({a.engine}, batch {a.batch}): step {result['step_ms']:.0f} ms, RSS "
@@ -176,7 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     for m in summary["moves"]:
         print(f"  {m['start_ms'] + m['ms']:9.1f} ms {m['rss_mib']:8.0f} MiB ({m['change_mib']:+7.0f})  "
               f"{m['op']:22s} {m['name']}")
-    write_text_atomic(Path(a.out), json.dumps({**result, "summary": summary}) + "\n")
+    # the RSS series where it moved by 0.1 MiB or more: the same curve, a fraction of the samples
+    kept, last = [], None
+    for t, r in zip(result["t_ms"], result["rss_mib"]):
+        if last is None or abs(r - last) >= 0.1:
+            kept.append((round(t, 2), round(r, 1)))
+            last = r
+    result["t_ms"], result["rss_mib"] = [t for t, _ in kept], [r for _, r in kept]
+    nodes = result.pop("nodes")  # the summary names the ones that matter
+    write_text_atomic(Path(a.out), json.dumps({**result, "node_count": len(nodes), "summary": summary}) + "\n")
     if a.plot:
         plot(result, summary, a.plot)
         print(f"wrote {a.plot}")

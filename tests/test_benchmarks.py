@@ -284,7 +284,9 @@ def test_rss_trace_finds_the_step_peak_and_its_node(tiny_bundle, tmp_path, engin
                            "--threshold", "0.5", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     s = data["summary"]
-    assert data["step_ms"] > 0 and len(data["nodes"]) > 50
+    assert data["step_ms"] > 0 and data["node_count"] > 50
     assert s["peak_mib"] >= s["start_mib"] > 0 and 0 <= s["peak_ms"] <= data["step_ms"]
-    assert s["peak_node"]["name"] in {n["name"] for n in data["nodes"]}
-    assert all(abs(m["change_mib"]) > 0.5 for m in s["moves"])
+    node = s["peak_node"]
+    assert node["name"] and node["start_ms"] <= s["peak_ms"] + 1 and node["start_ms"] + node["ms"] >= s["peak_ms"] - 50
+    assert s["moves"] and all(abs(m["change_mib"]) > 0.5 for m in s["moves"])
+    assert max(data["rss_mib"]) == pytest.approx(s["peak_mib"], abs=0.2)
