@@ -57,10 +57,11 @@ Three passes bound the step's workspace (docs/workspace.md), all on by default:
   pass's buffers (which then stayed allocated through the whole step);
 - ``l1_gradient_in_place``: the regularizer's L1 gradients multiply ``Sign(d)`` by their scalar
   instead of a full-size ``Expand`` of it, and the forward mean follows ``|d|`` at once;
-- ``memory_order`` (on the final nodes, the order being what onnxruntime follows):
-  ``meta_branches_late`` runs each meta network's conv branch at the end of its frozen part, not
-  at its start, and ``regularizer_backward_early(freeing_first=True)`` runs the regularizer's
-  reductions and meta BatchNorm gradient before its conv branch's gradients.
+- ``memory_order`` (on the final nodes, after every other rewrite): ``meta_branches_late``
+  makes each meta network's conv branch wait for the end of its frozen part (a no-op Reshape
+  that depends on it), not run at its start, and ``regularizer_backward_early(freeing_first=True)``
+  orders the regularizer's reductions and meta BatchNorm gradient before its conv branch's
+  gradients.
 
 And three for speed (docs/speed.md), on by default: ``fast_elementwise`` (``cheaper_elementwise``,
 ``affines_as_batchnorm``, ``stats_from_batchnorms``: elementwise work and reductions in faster
@@ -1042,10 +1043,10 @@ class LeanOptions:
     # regularizer's share reads the 8-bit kept input too, as the main term's does. On by
     # default: accuracy unchanged within 0.3 points (docs/speed.md)
     merged_weight_gradients: bool = True
-    # an order that frees full-size tensors sooner, the same nodes: each meta network's conv
-    # branch right before the Add that joins it (``meta_branches_late``), and the regularizer's
-    # reductions and meta BatchNorm gradient before its conv branch's gradients
-    # (``regularizer_backward_early(freeing_first=True)``). Bit-identical results
+    # an order that frees full-size tensors sooner: each meta network's conv branch waits for
+    # the end of its frozen part (``meta_branches_late``: a no-op Reshape that depends on it),
+    # and the regularizer's reductions and meta BatchNorm gradient come before its conv branch's
+    # gradients (``regularizer_backward_early(freeing_first=True)``). Bit-identical results
     memory_order: bool = True
 
     def __post_init__(self) -> None:
@@ -1282,7 +1283,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     del training.graph.node[:]
     training.graph.node.extend(ordered)
     late = 0
-    if options.memory_order:  # on the final nodes: the order is what onnxruntime follows
+    if options.memory_order:  # on the final nodes, after every other rewrite
         late = meta_branches_late(training, sample)
         regularizer_backward_early(training, freeing_first=True)
     separated = separate_backward_buffers(training) if options.separate_backward_buffers else 0
