@@ -94,9 +94,9 @@ def plan(a: argparse.Namespace, ckpt_path: str, bundle: Path) -> list[tuple[tupl
                     extra = []
                     if m == "cotta" and mcfg["cotta_augmentations"] != 32:
                         extra = ["--cotta-augmentations", str(mcfg["cotta_augmentations"])]
-                    jobs.append((("memory", model, malloc, m),
-                                 ["--method", m, "--random-steps", str(mcfg["steps"]), "--batch", str(mcfg["batch"]),
-                                  "--malloc", malloc, *src, *extra]))
+                    args = ["--method", m, "--random-steps", str(mcfg["steps"]), "--batch", str(mcfg["batch"]),
+                            "--malloc", malloc, *src, *extra]
+                    jobs.append((("memory", model, malloc, m), args))
                     if m == "edgetta":  # the same model with onnxruntime-training's graph as generated
                         gen = _memory_bundle(model, bundle, lean=False)
                         jobs.append((("memory", model, malloc, "edgetta_generated"),
@@ -104,9 +104,7 @@ def plan(a: argparse.Namespace, ckpt_path: str, bundle: Path) -> list[tuple[tupl
                                       "--batch", str(mcfg["batch"]), "--malloc", malloc,
                                       *(base if model == "default" else ["--model", model]), "--bundle", str(gen)]))
                         # the same bundle with onnxruntime's arena: the trade of Adapter(memory_arena=True)
-                        jobs.append((("memory", model, malloc, "edgetta_arena"),
-                                     ["--method", m, "--random-steps", str(mcfg["steps"]), "--batch", str(mcfg["batch"]),
-                                      "--malloc", malloc, *src, "--memory-arena"]))
+                        jobs.append((("memory", model, malloc, "edgetta_arena"), [*args, "--memory-arena"]))
                 zoo_aug = a.memory_cotta_augmentations or 32
                 if model == "default" and "cotta" in a.methods and zoo_aug != 32:
                     # evidence that CoTTA's peak does not depend on its number of augmentations

@@ -166,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         from edgetta_export.bundle import DEFAULT_CHECKPOINT
         ckpt = untrained_checkpoint(a.model) if a.model else checkpoint.load(DEFAULT_CHECKPOINT)
         bundle = export_cached_bundle(ckpt, f"rss_trace_{a.model or 'default'}")
-        rest = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg not in ("--model", a.model)]
+        options = ["--bundle", str(bundle), "--engine", a.engine, "--batch", str(a.batch), "--out", a.out,
+                   *(["--threshold", str(a.threshold)] if a.threshold is not None else []),
+                   *(["--plot", a.plot] if a.plot else [])]
         return subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; "
                                "from benchmarks.rss_trace import main; from edgetta.console import run_cli; "
-                               "sys.exit(run_cli(main))", "--bundle", str(bundle), *rest]).returncode
+                               "sys.exit(run_cli(main))", *options]).returncode
     bundle = Path(a.bundle)
     result = trace(bundle, a.engine, a.batch)
     summary = changes(result, a.threshold if a.threshold is not None else 0.02 * max(result["rss_mib"]))

@@ -490,10 +490,7 @@ def merge_weight_gradients(training: onnx.ModelProto) -> int:
     for i, n in enumerate(nodes):
         if n.op_type == "ConvGrad" and n.domain == "com.microsoft" and len(n.output) == 2 and n.output[1]:
             grads.setdefault(n.input[2], []).append(i)
-    readers: dict[str, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for x in n.input:
-            readers.setdefault(x, []).append(i)
+    readers = _readers(nodes)
     replace: dict[int, list[onnx.NodeProto]] = {}
     dropped: set[int] = set()
     for w, pair in grads.items():
@@ -534,6 +531,15 @@ def merge_weight_gradients(training: onnx.ModelProto) -> int:
     del g.node[:]
     g.node.extend(out)
     return len(replace)
+
+
+def _readers(nodes: list[onnx.NodeProto]) -> dict[str, list[int]]:
+    """The indices of the nodes that read each tensor."""
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            readers.setdefault(x, []).append(i)
+    return readers
 
 
 def _ancestors(nodes: list[onnx.NodeProto], outputs: list[str]) -> set[int]:
@@ -623,7 +629,8 @@ def regularizer_backward_early(training: onnx.ModelProto, main_seed: str = "logi
     return len(early)
 
 
-def meta_branches_late(training: onnx.ModelProto, sample: dict[str, list[int]], chain: str = "logits") -> int:
+def meta_branches_late(training: onnx.ModelProto, sample: dict[str, list[int]],
+                       const: Callable[[Any, Any], str], chain: str = "logits") -> int:
     """Run each meta network's conv (a forward Conv whose weights are a graph input) after its
     frozen part: its input x_{k-1} goes through ``Reshape(x_{k-1}, Shape(b) * 0)``, with b the
     other input of the Add that joins the branch (the meta BatchNorm of the part's output h_k).
@@ -637,17 +644,14 @@ def meta_branches_late(training: onnx.ModelProto, sample: dict[str, list[int]], 
     (kept float for the regularizer's BatchNorm gradient) and its output (waiting for the Add)
     were held through the whole frozen part. What is held instead is x_{k-1} (for the first meta
     network, the network's input, held anyway). The conv is also placed right before the Add.
-    ``sample``: per-sample dimensions by tensor name, for the reshaped input's declared shape.
-    Returns the number of convs made late."""
+    ``sample``: per-sample dimensions by tensor name, for the reshaped input's declared shape;
+    ``const(value, dtype)`` names a constant of the graph. Returns the number of convs made late."""
     g = training.graph
     nodes = list(g.node)
     forward = _ancestors(nodes, [chain])
     inputs = {i.name for i in g.input}
     batch = next((i.type.tensor_type.shape.dim[0] for i in g.input if i.name == "input"), None)
-    readers: dict[str, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for x in n.input:
-            readers.setdefault(x, []).append(i)
+    readers = _readers(nodes)
     late: dict[int, tuple[int, str]] = {}  # meta conv -> (the Add it goes before, that Add's other input)
     for i, n in enumerate(nodes):
         if i not in forward or n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in inputs:
@@ -668,8 +672,7 @@ def meta_branches_late(training: onnx.ModelProto, sample: dict[str, list[int]], 
             late[i] = (join, next(x for x in nodes[join].input if x not in derived))
     if not late:
         return 0
-    zeros = "edgetta.lean.zero_i64"
-    g.initializer.append(numpy_helper.from_array(np.zeros((), np.int64), zeros))
+    zeros = const(0, np.int64)
     goes_before: dict[int, list[onnx.NodeProto]] = {}
     for conv, (join, other) in late.items():
         node = nodes[conv]
@@ -1284,7 +1287,7 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
     training.graph.node.extend(ordered)
     late = 0
     if options.memory_order:  # on the final nodes, after every other rewrite
-        late = meta_branches_late(training, sample)
+        late = meta_branches_late(training, sample, consts)
         regularizer_backward_early(training, freeing_first=True)
     separated = separate_backward_buffers(training) if options.separate_backward_buffers else 0
     return {"stop_gradient_twin_nodes_dropped": twins, "conv_grad_to_conv_transpose": convs,
