@@ -5,8 +5,8 @@ lean rewrite, and the lean rewrite with the meta networks' kept inputs compresse
 (``l1_gradient_in_place``, "bounded"), same model, same batches, measured side by side in one run.
 "default" is today's exporter defaults; "stochastic" the same with the kept inputs rounded
 stochastically, and "no_fast_elementwise", "no_wide_packing", "no_declared_shapes",
-"no_merged_gradients", "no_memory_order" the same with that rewrite off (docs/speed.md,
-docs/workspace.md).
+"no_merged_gradients", "no_memory_order", "no_declared_rows" the same with that rewrite off
+(docs/speed.md, docs/workspace.md). Each row also says how many minor page faults a step took.
 
     python -m benchmarks.step_memory --batches 16 64 --repeats 5
     python -m benchmarks.step_memory --models default wrn28_10 --graphs lean compressed \
@@ -64,6 +64,7 @@ GRAPHS = {"generated": dict(lean=False),
           # one weight gradient per term, as before 2026-12-01's merge (docs/speed.md)
           "no_merged_gradients": dict(lean=True, lean_options=LeanOptions(merged_weight_gradients=False)),
           "no_memory_order": dict(lean=True, lean_options=LeanOptions(memory_order=False)),
+          "no_declared_rows": dict(lean=True, lean_options=LeanOptions(declared_restored_rows=False)),
           "default": dict(lean=True, lean_options=LeanOptions())}
 
 
@@ -119,7 +120,8 @@ def measure(model: str, bundles: dict[str, Path], a: argparse.Namespace) -> list
                                                  + static["adaptation"]["workspace"]) / MIB, 1),
                        "measured_step_growth_mib": round(m["step_peak"] / MIB, 1),
                        "measured_peak_rss_mib": round(m["peak_after_step"] / MIB, 1),
-                       "step_ms": round(sorted(r["step_ms"] for r in runs)[len(runs) // 2], 1)}
+                       "step_ms": round(sorted(r["step_ms"] for r in runs)[len(runs) // 2], 1),
+                       "minor_faults_per_step": m.get("minor_faults_per_step")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows

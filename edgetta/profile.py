@@ -461,10 +461,16 @@ x = a.preprocess(frames)
 peak_reset = reset_peak_rss()
 rss_loaded = rss_bytes()
 hwm_loaded = hwm()
-t = time.perf_counter()
+try:  # page faults: without an arena each fresh allocation is faulted in (not on Windows)
+    import resource
+    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+except ImportError:
+    faults = lambda: None
+f0, t = faults(), time.perf_counter()
 for _ in range(steps):
     a.adapt(x)
 step_ms = (time.perf_counter() - t) * 1e3 / steps
+faults_per_step = None if f0 is None else (faults() - f0) / steps
 hwm_step = hwm()
 t = time.perf_counter()
 a.predict_tensor(x)
@@ -472,6 +478,7 @@ infer_ms = (time.perf_counter() - t) * 1e3
 print(json.dumps(dict(rss_before_load=rss_before_load, peak_before_load=peak_before_load,
                       rss_loaded=rss_loaded, peak_loaded=hwm_loaded, peak_after_step=hwm_step,
                       peak_after_inference=hwm(), peak_reset=peak_reset, step_ms=step_ms,
+                      minor_faults_per_step=faults_per_step,
                       inference_ms=infer_ms, engine=a.engine, provider=a.provider,
                       machine=platform.machine(), python=platform.python_version())))
 """

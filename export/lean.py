@@ -65,9 +65,9 @@ Three passes bound the step's workspace (docs/workspace.md), all on by default:
 
 And three for speed (docs/speed.md), on by default: ``fast_elementwise`` (``cheaper_elementwise``,
 ``affines_as_batchnorm``, ``stats_from_batchnorms``: elementwise work and reductions in faster
-kernels that compute the same), ``declared_unpack_shapes`` (shapes onnxruntime cannot infer,
-declared so that its planner reuses freed buffers instead of allocating, and page-faulting in,
-new ones) and ``merged_weight_gradients`` (``merge_weight_gradients``: one weight gradient per
+kernels that compute the same), ``declared_unpack_shapes`` and ``declared_restored_rows`` (shapes
+onnxruntime cannot infer, declared so that its planner reuses freed buffers instead of
+allocating, and page-faulting in, new ones) and ``merged_weight_gradients`` (``merge_weight_gradients``: one weight gradient per
 meta conv for both loss terms).
 """
 from __future__ import annotations
@@ -1027,6 +1027,9 @@ class LeanOptions:
     # its planner hands them buffers freed earlier in the step instead of fresh allocations;
     # without an arena each fresh allocation is page-faulted in (docs/speed.md)
     declared_unpack_shapes: bool = True
+    # and the float rows each kept input is restored into, with a symbol per channel count and
+    # meta network, so that the restored inputs of one meta network share a buffer (docs/speed.md)
+    declared_restored_rows: bool = True
     # the main backward pass's tensors get a batch symbol of their own, so that onnxruntime's
     # allocation planner does not hand them the forward pass's buffers, which then stay allocated
     # through the whole step (``separate_backward_buffers``). On by default: the same gradients,
@@ -1151,6 +1154,17 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
         # reuses freed buffers for them rather than allocating afresh (declared_unpack_shapes)
         batch = BACKWARD_BATCH if options.declared_unpack_shapes and options.separate_backward_buffers else None
         training.graph.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch, *shapes[x]]))
+        if batch is not None and options.declared_restored_rows and len(node.input) > 2:
+            # the float rows (N*C, H*W) that ``out`` reshapes in place: inferred as (?, H*W),
+            # each was a fresh allocation. Declared with a symbol per channel count and meta
+            # network (the owner of the weight the gradient node reads), a restored input takes
+            # the buffer of an earlier one of its size in the same network's backward pass;
+            # across networks the buffer would stay allocated through the frozen parts' backward
+            # between them, at the step's peak on ResNet-50 (docs/speed.md)
+            owner = node.input[2].rsplit(".", 2)[0]
+            rows = [f"{batch}_x{shapes[x][0]}_{owner}", int(np.prod(shapes[x][1:]))]
+            training.graph.value_info.extend(helper.make_tensor_value_info(f"{out}{part}", TensorProto.FLOAT, rows)
+                                             for part in (".rows", ".scaled")[:1 if compressed[x].zero else 2])
 
     def pack_width(x: str) -> int:
         return 64 if options.wide_mask_packing and per_sample.get(x, 1) % 64 == 0 else 8

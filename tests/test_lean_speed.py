@@ -101,6 +101,31 @@ def test_unpacked_masks_have_shapes_onnxruntime_can_plan(tiny_bundle, before_bun
 
 
 @pytest.mark.parametrize("graph", GRAPHS)
+def test_restored_inputs_share_buffers_only_within_their_meta_network(tiny_bundle, before_bundle, graph):
+    """The float rows (N*C, H*W) each kept input is restored into are declared with a symbol per
+    channel count and meta network, which onnxruntime's shape inference keeps (without the
+    declaration it knows no first dimension): its planner may hand one restored input's buffer to
+    another of the same size only within one meta network's backward pass."""
+    from edgetta.profile import BACKWARD_BATCH
+    from edgetta_export.lean import ort_inferred_shapes
+    model = onnx.load(str(tiny_bundle / graph))
+    declared = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+                for vi in model.graph.value_info if re.search(r"\.q8\.restored\d+\.rows$", vi.name)}
+    training = onnx.load(str(tiny_bundle / GRAPHS[0]))  # the portable step rewrites its gradient nodes
+    readers = {n.input[1]: n.input[2] for n in training.graph.node if len(n.input) > 2 and ".q8.restored" in n.input[1]}
+    assert len(declared) == len(readers) > 2
+    for name, (rows, cols) in declared.items():
+        owner = readers[name[:-len(".rows")]]  # the weight the gradient node reads: model.metas.K.*
+        channels = re.fullmatch(rf"{BACKWARD_BATCH}_x(\d+)_(model\.metas\.\d+)", rows)
+        assert channels and channels[2] == owner.rsplit(".", 2)[0], (name, rows, owner)
+    assert len({d[0] for d in declared.values()}) > 1
+    inferred = ort_inferred_shapes(model, list(declared))
+    assert {n: s for n, (_, s) in inferred.items()} == declared
+    known = ort_inferred_shapes(onnx.load(str(before_bundle / graph)), list(declared))
+    assert known and all(not s or s[0] is None for _, s in known.values())
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
 def test_elementwise_work_runs_in_cheaper_kernels(tiny_bundle, before_bundle, graph):
     """No Pow and no Sign left; each batch mean over (N, H, W) is two ReduceMeans; each
     batch-statistics scale-and-shift of the frozen backbone (a Mul and an Add) is one
