@@ -63,12 +63,12 @@ Three passes bound the step's workspace (docs/workspace.md), all on by default:
   orders the regularizer's reductions and meta BatchNorm gradient before its conv branch's
   gradients.
 
-And three for speed (docs/speed.md), on by default: ``fast_elementwise`` (``cheaper_elementwise``,
+And four for speed (docs/speed.md), on by default: ``fast_elementwise`` (``cheaper_elementwise``,
 ``affines_as_batchnorm``, ``stats_from_batchnorms``: elementwise work and reductions in faster
-kernels that compute the same), ``declared_unpack_shapes`` and ``declared_restored_rows`` (shapes
-onnxruntime cannot infer, declared so that its planner reuses freed buffers instead of
-allocating, and page-faulting in, new ones) and ``merged_weight_gradients`` (``merge_weight_gradients``: one weight gradient per
-meta conv for both loss terms).
+kernels that compute the same), ``declared_unpack_shapes`` and ``declared_restored_rows``
+(shapes onnxruntime cannot infer, declared so that its planner reuses freed buffers instead of
+allocating, and page-faulting in, new ones) and ``merged_weight_gradients``
+(``merge_weight_gradients``: one weight gradient per meta conv for both loss terms).
 """
 from __future__ import annotations
 
