@@ -9,6 +9,7 @@
 The tiny model is exported with e0 = 10 (above any entropy), as in tests/test_compress.py, so
 that the entropy term's gradient is not zero."""
 import json
+import re
 
 import numpy as np
 import onnx
@@ -79,6 +80,10 @@ def test_onnxruntime_gives_the_backward_pass_its_own_batch_symbol(pair, engine):
     shared = _batch_symbols(pair["shared"] / GRAPHS[engine], back + forward)
     back_apart = {n: s for n, s in apart.items() if n in set(back)}
     fwd_apart = {n: s for n, s in apart.items() if n not in set(back)}
+    # the rows (N*C, H*W) kept inputs are restored into: batch x channels, a symbol per meta
+    # network (LeanOptions.declared_restored_rows), computed from the backward pass's batch
+    rows = {n: back_apart.pop(n) for n in list(back_apart) if re.search(r"\.q8\.restored\d+\.rows$", n)}
+    assert rows and all(s.startswith(BACKWARD_BATCH + "_x") for s in rows.values())
     assert len(back_apart) > 20 and len(fwd_apart) > 20
     assert set(back_apart.values()) == {BACKWARD_BATCH}
     assert BACKWARD_BATCH not in set(fwd_apart.values())
