@@ -116,8 +116,8 @@ def test_restored_inputs_share_buffers_only_within_their_meta_network(tiny_bundl
     assert len(declared) == len(readers) > 2
     for name, (rows, cols) in declared.items():
         owner = readers[name[:-len(".rows")]]  # the weight the gradient node reads: model.metas.K.*
-        channels = re.fullmatch(rf"{BACKWARD_BATCH}_x(\d+)_(model\.metas\.\d+)", rows)
-        assert channels and channels[2] == owner.rsplit(".", 2)[0], (name, rows, owner)
+        symbol = re.fullmatch(rf"{BACKWARD_BATCH}_x(\d+)_(model\.metas\.\d+)", rows)
+        assert symbol and symbol[2] == owner.rsplit(".", 2)[0] and int(symbol[1]) > 0 and cols > 0, (name, rows)
     assert len({d[0] for d in declared.values()}) > 1
     inferred = ort_inferred_shapes(model, list(declared))
     assert {n: s for n, (_, s) in inferred.items()} == declared
