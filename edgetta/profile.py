@@ -446,7 +446,7 @@ def analyse(bundle: Bundle, target: Target, batch: int, momentum: float | None =
 _MEASURE = r"""
 import json, platform, sys, time
 sys.modules['torch'] = None
-from edgetta.system import peak_rss_bytes as hwm, reset_peak_rss, rss_bytes
+from edgetta.system import minor_faults, peak_rss_bytes as hwm, reset_peak_rss, rss_bytes
 rss_before_load, peak_before_load = rss_bytes(), hwm()
 import numpy as np
 from edgetta import Adapter
@@ -461,16 +461,12 @@ x = a.preprocess(frames)
 peak_reset = reset_peak_rss()
 rss_loaded = rss_bytes()
 hwm_loaded = hwm()
-try:  # page faults: without an arena each fresh allocation is faulted in (not on Windows)
-    import resource
-    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-except ImportError:
-    faults = lambda: None
-f0, t = faults(), time.perf_counter()
+# page faults: without an arena each fresh allocation is faulted in
+f0, t = minor_faults(), time.perf_counter()
 for _ in range(steps):
     a.adapt(x)
 step_ms = (time.perf_counter() - t) * 1e3 / steps
-faults_per_step = None if f0 is None else (faults() - f0) / steps
+faults_per_step = None if f0 is None else (minor_faults() - f0) / steps
 hwm_step = hwm()
 t = time.perf_counter()
 a.predict_tensor(x)

@@ -1,7 +1,8 @@
 """Process-level helpers, one per job: atomic file writes and memory figures of this process.
 
 Everything that persists a file (checkpoints, state, reports, bundles) goes through
-``atomic_write``; everything that reports memory reads ``rss_bytes`` / ``peak_rss_bytes``.
+``atomic_write``; everything that reports memory reads ``rss_bytes`` / ``peak_rss_bytes``, and
+page faults ``minor_faults``.
 """
 from __future__ import annotations
 
@@ -76,6 +77,16 @@ def peak_rss_bytes() -> int:
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (each first touch of a freshly mapped page);
+    None where ``resource`` is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def reset_peak_rss() -> bool:

@@ -436,6 +436,12 @@ def decompress_activation(c: CompressedActivation, sample_shape: list[int], like
     ]
 
 
+def restored_rows(c: CompressedActivation, out: str) -> list[str]:
+    """The float (N*C, H*W) tensors ``decompress_activation`` computes before its last Reshape
+    to ``out``, whose first dimension onnxruntime cannot infer."""
+    return [out + ".rows"] if c.zero else [out + ".rows", out + ".scaled"]
+
+
 def frozen_conv_outputs(graph: onnx.GraphProto) -> set[str]:
     """Tensors computed from frozen convolutions by ops that onnxruntime's x86 NCHWc layout
     pass keeps in its blocked layout (their folded BatchNorms and ReLUs, residual additions
@@ -1163,8 +1169,8 @@ def make_lean(training: onnx.ModelProto, forward: onnx.ModelProto, bit_masks: bo
             # between them, at the step's peak on ResNet-50 (docs/speed.md)
             owner = node.input[2].rsplit(".", 2)[0]
             rows = [f"{batch}_x{shapes[x][0]}_{owner}", int(np.prod(shapes[x][1:]))]
-            training.graph.value_info.extend(helper.make_tensor_value_info(f"{out}{part}", TensorProto.FLOAT, rows)
-                                             for part in (".rows", ".scaled")[:1 if compressed[x].zero else 2])
+            training.graph.value_info.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, rows)
+                                             for name in restored_rows(compressed[x], out))
 
     def pack_width(x: str) -> int:
         return 64 if options.wide_mask_packing and per_sample.get(x, 1) % 64 == 0 else 8
